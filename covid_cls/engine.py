@@ -1,0 +1,389 @@
+"""The training engine: ONE loop for every architecture x level.
+
+``fit`` = scan -> decode once -> build model -> epochs of ``train_one_epoch`` + ``evaluate`` ->
+best epoch by validation AUC -> temperature -> test metrics -> atomic checkpoint. Functions return dicts
+and emit events; they never print (the CLI and the UI subscribe to events).
+
+Events (dicts with a ``type``):
+  log    {message}
+  decode {split, done, total}
+  step   {epoch, epochs, step, steps, loss, lr, images_per_s}
+  epoch  {epoch, epochs, train: {loss, accuracy}, val: {loss, accuracy, auc, sensitivity, specificity, ...}, seconds}
+  done   {checkpoint, metrics, seconds}
+  error  {message}
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import save_checkpoint
+from .config import TrainConfig, default_batch_size
+from .data import (CLASSES, POSITIVE, DecodedCache, DecodedSplit, eval_batch, fingerprint, read_manifest,
+                   scan_dataset, train_batch)
+from .metrics import binary_metrics, clean, fit_temperature
+from .models import ARCHS, build_model, count_params, get_head
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, ...); the message says why and what to try."""
+
+
+class TrainingStopped(Exception):
+    """The run was stopped on request; nothing was saved."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast only on CUDA: on the CPU it is 20-50x slower than fp32 (measured, DESIGN.md).
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses, optimisers, schedules
+# ---------------------------------------------------------------------------------------------------
+
+def make_loss(cfg: TrainConfig, train_labels: torch.Tensor, device: torch.device) -> Callable:
+    if cfg.loss == "ce":
+        return nn.CrossEntropyLoss()
+    counts = torch.bincount(train_labels, minlength=len(CLASSES)).float().clamp(min=1)
+    if cfg.loss == "weighted_ce":
+        # inverse class frequency, normalised so the weights average to 1
+        w = counts.sum() / (len(counts) * counts)
+        return nn.CrossEntropyLoss(weight=w.to(device))
+    gamma, alpha = cfg.focal_gamma, cfg.focal_alpha
+    pos = CLASSES.index(POSITIVE)
+
+    def focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Lin et al. 2017: FL = -alpha_t (1 - p_t)^gamma log p_t; alpha weighs the positive class.
+        logp = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        a = torch.where(target == pos, alpha, 1 - alpha)
+        return (-a * (1 - logp.exp()).pow(gamma) * logp).mean()
+
+    return focal
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 1e-2)
+
+
+def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# One epoch / evaluation
+# ---------------------------------------------------------------------------------------------------
+
+class _Batches:
+    """Mini-batches of a decoded split (or of cached features), already on the device."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.x, self.y, self.bs = x, y, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.bs)
+
+    def iterate(self, order: torch.Tensor | None = None):
+        n = len(self.y)
+        for i in range(0, n, self.bs):
+            idx = order[i:i + self.bs] if order is not None else slice(i, i + self.bs)
+            yield self.x[idx], self.y[idx]
+
+
+def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], torch.Tensor],
+                    batches: _Batches, opt: torch.optim.Optimizer, loss_fn: Callable, *,
+                    device: torch.device, generator: torch.Generator, scheduler=None,
+                    epoch: int = 1, epochs: int = 1, emit: EventFn = lambda e: None,
+                    stop=None, log_every: int = 10) -> dict[str, float]:
+    """Train for one pass over ``batches``; ``forward(x, train=True)`` maps a raw batch to logits."""
+    model.train()
+    order = torch.randperm(len(batches.y), generator=generator).to(batches.y.device)
+    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    steps = len(batches)
+    for step, (x, y) in enumerate(batches.iterate(order), start=1):
+        if stop is not None and stop.is_set():
+            raise TrainingStopped("stopped on request")
+        with _autocast(device):
+            logits = forward(x, True)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {epoch}, step {step}: training diverged. "
+                f"Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use optimizer 'adam'.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(y)
+        total_loss += loss.item() * n
+        correct += int((logits.argmax(1) == y).sum())
+        seen += n
+        if step % log_every == 0 or step == steps:
+            emit({"type": "step", "epoch": epoch, "epochs": epochs, "step": step, "steps": steps,
+                  "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                  "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+
+
+@torch.no_grad()
+def predict_logits(forward: Callable[[torch.Tensor, bool], torch.Tensor], batches: _Batches,
+                   device: torch.device, stop=None) -> torch.Tensor:
+    out = []
+    for x, _ in batches.iterate():
+        if stop is not None and stop.is_set():
+            raise TrainingStopped("stopped on request")
+        with _autocast(device):
+            out.append(forward(x, False).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, len(CLASSES))
+
+
+def evaluate(model: nn.Module, forward, batches: _Batches, device: torch.device, *,
+             temperature: float = 1.0, stop=None) -> tuple[dict[str, Any], torch.Tensor]:
+    """Metrics of one split (positive class = infected) and the raw logits."""
+    model.eval()
+    logits = predict_logits(forward, batches, device, stop)
+    labels = batches.y.cpu()
+    probs = torch.softmax(logits / temperature, dim=1).numpy()
+    m = binary_metrics(probs, labels.numpy(), positive=CLASSES.index(POSITIVE))
+    m["loss"] = float(F.cross_entropy(logits / temperature, labels)) if len(labels) else float("nan")
+    return m, logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------
+
+def _image_forward(model: nn.Module, cfg: TrainConfig, device: torch.device, generator: torch.Generator):
+    """Raw uint8 batch -> logits, with the train or eval preset."""
+    channels_last = device.type == "cuda"
+
+    def forward(u8: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and cfg.augment:
+            x = train_batch(u8, cfg.image_size, generator, rotation=cfg.rotation, scale=cfg.crop_scale)
+        else:
+            x = eval_batch(u8, cfg.image_size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return model(x)
+
+    return forward
+
+
+@torch.no_grad()
+def backbone_features(model: nn.Module, arch: str, images: torch.Tensor, cfg: TrainConfig,
+                      device: torch.device, batch_size: int, stop=None) -> torch.Tensor:
+    """Frozen-backbone features (input of the head) for a decoded split, eval preset, one pass."""
+    model.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        if stop is not None and stop.is_set():
+            raise TrainingStopped("stopped on request")
+        x = eval_batch(images[i:i + batch_size].to(device, non_blocking=True), cfg.image_size)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            feats.append(ARCHS[arch].features(model, x).float())
+    return torch.cat(feats)
+
+
+def fit(config: TrainConfig, on_event: EventFn | None = None, stop=None) -> Path:
+    """Train one model and save its checkpoint; returns the checkpoint path.
+
+    ``stop`` (threading/multiprocessing Event): checked every step; a stopped run raises
+    TrainingStopped and saves nothing. Any error is emitted as an ``error`` event and re-raised.
+    """
+    emit = on_event or (lambda e: None)
+    t_start = time.perf_counter()
+    try:
+        return _fit(config, emit, stop, t_start)
+    except TrainingStopped:
+        emit({"type": "stopped", "message": "stopped on request; nothing was saved"})
+        raise
+    except Exception as exc:
+        emit({"type": "error", "message": f"{exc.__class__.__name__}: {exc}"})
+        raise
+
+
+def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = cfg.batch_size or default_batch_size(device.type)
+
+    # 1. scan: fail fast, before any decoding or model building
+    info = scan_dataset(cfg.data_dir)
+    emit({"type": "log", "message": f"dataset {info.root}: {info.summary()}"})
+
+    # 2. decode each image once (parallel; memory + disk cache shared by later runs)
+    cache = DecodedCache(cfg.cache_size, workers=cfg.num_workers)
+    decoded: dict[str, DecodedSplit] = {}
+    for name, split in info.splits.items():
+        decoded[name] = cache.get(split, info.root, progress=lambda d, t, name=name: emit(
+            {"type": "decode", "split": name, "done": d, "total": t}))
+        if decoded[name].skipped:
+            emit({"type": "log", "message": f"{name}: skipped {len(decoded[name].skipped)} unreadable file(s), "
+                  f"e.g. {decoded[name].skipped[0][0]}: {decoded[name].skipped[0][1]}"})
+        if len(decoded[name]) == 0 or decoded[name].labels.unique().numel() < len(CLASSES):
+            raise TrainingError(f"split {name} has no readable images of some class after decoding")
+
+    # 3. model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model(cfg.arch, cfg.level, weights=cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout)
+    for w in caught:
+        emit({"type": "log", "message": str(w.message)})
+    meta = model.covid_meta
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    params = count_params(model)
+    emit({"type": "log", "message": f"{ARCHS[cfg.arch].title} · {cfg.level}: {params['trainable']:,} of "
+          f"{params['total']:,} parameters trained; weights: {meta['weights_note']}; device {device}"})
+
+    # 4. data on the device (uint8: 65 KB per 256 px image), forward function per level
+    on_dev = {k: (v.images.to(device), v.labels.to(device)) for k, v in decoded.items()}
+    use_features = cfg.level == "fc" and cfg.feature_cache
+    if use_features:
+        # Level fc: the backbone is frozen, so its output never changes: compute it once and train the
+        # head on it (10 epochs then cost about one frozen forward pass). Augmentation is not applied
+        # to cached features; set feature_cache=False to train the head on augmented images.
+        feats = {k: backbone_features(model, cfg.arch, x, cfg, device, max(bs, 64), stop)
+                 for k, (x, _) in on_dev.items()}
+        head = get_head(model, cfg.arch)
+
+        def forward(f: torch.Tensor, train: bool) -> torch.Tensor:
+            return head(f)
+
+        batches = {k: _Batches(feats[k], on_dev[k][1], bs) for k in on_dev}
+    else:
+        forward = _image_forward(model, cfg, device, gen)
+        batches = {k: _Batches(x, y, bs) for k, (x, y) in on_dev.items()}
+    eval_batches = {k: _Batches(b.x, b.y, max(bs, 64)) for k, b in batches.items()}
+
+    loss_fn = make_loss(cfg, decoded["train"].labels, device)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_schedule(cfg, opt, len(batches["train"]))
+
+    # 5. epochs; keep the best by validation AUC (lower validation loss breaks ties)
+    history: list[dict[str, Any]] = []
+    best_key, best_state, best_epoch = None, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, device=device, generator=gen,
+                             scheduler=sched, epoch=epoch, epochs=cfg.epochs, emit=emit, stop=stop,
+                             log_every=cfg.log_every)
+        val, _ = evaluate(model, forward, eval_batches["validation"], device, stop=stop)
+        rec = {"epoch": epoch, "train": clean(tr), "val": clean({k: v for k, v in val.items() if k != "confusion"}),
+               "seconds": time.perf_counter() - t0}
+        history.append(rec)
+        emit({"type": "epoch", "epochs": cfg.epochs, **rec})
+        auc = val["auc"] if math.isfinite(val["auc"]) else -1.0
+        key = (auc, -val["loss"])
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    model.load_state_dict(best_state)
+
+    # 6. temperature on validation, then final metrics per split (with the temperature applied)
+    _, val_logits = evaluate(model, forward, eval_batches["validation"], device, stop=stop)
+    temperature = fit_temperature(val_logits, batches["validation"].y)
+    metrics = {name: clean(evaluate(model, forward, eval_batches[name], device, temperature=temperature,
+                                    stop=stop)[0])
+               for name in ("train", "validation", "test")}
+    if stop is not None and stop.is_set():
+        raise TrainingStopped("stopped on request")
+
+    # 7. save (atomic; the card is written last)
+    model.to("cpu")
+    meta_out = {
+        "arch": cfg.arch, "level": cfg.level, "classes": list(CLASSES), "positive": POSITIVE,
+        "hidden": cfg.hidden, "num_classes": len(CLASSES), "image_size": cfg.image_size,
+        "cache_size": cfg.cache_size,
+        "weights_origin": meta["weights_origin"], "weights_note": meta["weights_note"],
+        "config": cfg.to_dict(), "metrics": metrics, "temperature": temperature, "best_epoch": best_epoch,
+        "history": history, "params": params, "device": str(device),
+        "data": {"root": str(info.root), "fingerprint": fingerprint(
+            [p for s in info.splits.values() for p in s.files]),
+            "counts": info.counts(), "skipped": len(info.skipped) + sum(len(d.skipped) for d in decoded.values())},
+        "train_seconds": time.perf_counter() - t_start,
+        "note": "research demo - not a diagnosis",
+    }
+    path = save_checkpoint(cfg.out_dir, model, meta_out)
+    del on_dev, batches, eval_batches, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    emit({"type": "done", "checkpoint": str(path), "metrics": metrics, "best_epoch": best_epoch,
+          "temperature": temperature, "seconds": time.perf_counter() - t_start})
+    return path
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
+                        device: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+    """Metrics of a saved model on one split of an ImageFolder dataset (temperature applied).
+
+    Also returns per-image ``files`` and ``probs`` (class probabilities, in ``classes`` order).
+    """
+    from .checkpoints import load_model
+
+    dev = resolve_device(device)
+    model, ckpt = load_model(path, dev)
+    info = scan_dataset(data_dir, splits=(split,))
+    d = DecodedCache(ckpt.get("cache_size", 256)).get(info.splits[split], info.root)
+    cfg = TrainConfig.from_dict({**ckpt["config"], "augment": False})
+    forward = _image_forward(model, cfg, dev, torch.Generator())
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    batches = _Batches(d.images.to(dev), d.labels.to(dev), batch_size)
+    m, logits = evaluate(model, forward, batches, dev, temperature=ckpt.get("temperature", 1.0))
+    probs = torch.softmax(logits / ckpt.get("temperature", 1.0), dim=1)
+    pos = ckpt["classes"].index(POSITIVE)
+    subsets = {}
+    source = read_manifest(data_dir)
+    for name in sorted(set(source.get(f, "") for f in d.files) - {""}):
+        idx = [i for i, f in enumerate(d.files) if source.get(f) == name]
+        subsets[name] = clean(binary_metrics(probs[idx].numpy(), d.labels[idx].numpy(), positive=pos))
+    return {**clean(m), "split": split, "classes": ckpt["classes"], "subsets": subsets,
+            "weights_origin": ckpt.get("weights_origin"), "checkpoint": str(path), "files": d.files,
+            "labels": d.labels.tolist(), "probs": probs.tolist(), "skipped": d.skipped}

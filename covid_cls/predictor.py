@@ -1,0 +1,147 @@
+"""Predictor: loaded-model cache, device choice, predict() -> Prediction with a Grad-CAM map."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoints import best_checkpoint, load_model
+from .data import eval_batch, to_square_u8
+from .engine import resolve_device
+from .explain import CamExplainer, overlay, resize_cam
+from .imaging import load_image
+from .models import check_level, get_spec
+
+DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
+
+
+class NoCheckpointError(LookupError):
+    """No trained model exists for the requested (arch, level)."""
+
+
+@dataclass
+class Prediction:
+    label: str
+    probs: dict[str, float]
+    cam: np.ndarray                 # float32, H x W of the input image, in [0, 1]
+    overlay: Image.Image            # RGB heatmap over the image (longest side <= 1024)
+    device: str
+    latency_ms: float
+    checkpoint: str
+    card: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = None    # the decoded grayscale input
+    disclaimer: str = DISCLAIMER
+
+
+@dataclass
+class _Loaded:
+    model: torch.nn.Module
+    card: dict[str, Any]
+    explainer: CamExplainer
+
+
+class Predictor:
+    """Predict with the best (or a given) checkpoint for an (arch, level) pair.
+
+    Models are loaded lazily on first use and kept in an LRU of ``max_models`` (VGG16 with our head is
+    ~0.6 GB in fp32, so a Space with 16 GB must bound what stays loaded). Safe to call from many threads:
+    one lock per model around Grad-CAM, one lock around the cache.
+    """
+
+    def __init__(self, checkpoints_dir: str | os.PathLike = "checkpoints", device: str = "auto",
+                 max_models: int = 3):
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.device = resolve_device(device)
+        self.max_models = max(1, max_models)
+        self._cache: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, arch: str = "resnet18", level: str = "fc", checkpoint: str | os.PathLike | None = None) -> Path:
+        get_spec(arch), check_level(level)
+        if checkpoint:
+            p = Path(checkpoint)
+            if not p.is_absolute() and not p.exists():
+                p = self.checkpoints_dir / p
+            return p
+        best = best_checkpoint(self.checkpoints_dir, arch, level)
+        if best is None:
+            raise NoCheckpointError(
+                f"No trained model for {get_spec(arch).title} · {level} in {self.checkpoints_dir}/. Train one "
+                f"first, e.g. `python -m covid_cls train --data DIR --arch {arch} --level {level}`, or use the "
+                "quick demo model in the app.")
+        return best
+
+    def _get(self, path: Path) -> _Loaded:
+        key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            model, card = load_model(path, self.device)
+            loaded = _Loaded(model, card, CamExplainer(model, card["arch"]))
+            self._warm_up(loaded)
+            self._cache[key] = loaded
+            while len(self._cache) > self.max_models:
+                self._cache.popitem(last=False)   # dropped; hooks go with the object
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            return loaded
+
+    def _warm_up(self, loaded: _Loaded) -> None:
+        s = loaded.card.get("image_size", 224)
+        x = torch.zeros(1, 3, s, s, device=self.device)
+        loaded.explainer(x)
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k in self._cache]
+
+    def evict(self, path: str | os.PathLike | None = None) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if path is None or k[0] == str(Path(path).resolve())]:
+                del self._cache[key]
+
+    def card(self, arch: str = "resnet18", level: str = "fc", checkpoint=None) -> dict[str, Any]:
+        from .checkpoints import read_card
+
+        return read_card(self.resolve(arch, level, checkpoint)) or {}
+
+    def predict(self, image, arch: str = "resnet18", level: str = "fc",
+                checkpoint: str | os.PathLike | None = None, alpha: float = 0.45) -> Prediction:
+        """``image``: a path, bytes, PIL image or array (anything ``load_image`` takes).
+
+        Raises ImageError for a bad file and NoCheckpointError when no model exists.
+        """
+        path = self.resolve(arch, level, checkpoint)
+        img = load_image(image)
+        loaded = self._get(path)
+        card = loaded.card
+        t0 = time.perf_counter()
+        u8 = torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None]
+        x = eval_batch(u8.to(self.device), card.get("image_size", 224))
+        logits, cam = loaded.explainer(x)
+        temperature = float(card.get("temperature", 1.0))
+        p = torch.softmax(logits[0] / temperature, dim=0).tolist()
+        classes = card["classes"]
+        cam_full = resize_cam(cam, img.size)
+        latency = (time.perf_counter() - t0) * 1000
+        return Prediction(
+            label=classes[int(np.argmax(p))], probs=dict(zip(classes, p)), cam=cam_full,
+            overlay=overlay(img, cam, alpha), device=_device_name(self.device), latency_ms=latency,
+            checkpoint=str(path), card={k: v for k, v in card.items() if k not in ("state_dict", "history")},
+            image=img)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"

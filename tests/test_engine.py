@@ -1,0 +1,99 @@
+"""fit(): learning, events, stopping, errors, determinism."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from covid_cls import DatasetError, TrainingError, TrainingStopped, fit, list_checkpoints, load_checkpoint
+from covid_cls.engine import make_loss
+from conftest import small_config
+
+
+def test_fc_learns_the_synthetic_set_and_reports_all_metrics(fc_checkpoint):
+    ckpt = load_checkpoint(fc_checkpoint)
+    val = ckpt["metrics"]["validation"]
+    assert val["auc"] >= 0.95
+    for split in ("train", "validation", "test"):
+        assert {"accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "ece", "confusion",
+                "n"} <= set(ckpt["metrics"][split])
+    assert ckpt["weights_origin"] == "scratch"
+    assert ckpt["classes"] == ["infected", "normal"] and ckpt["positive"] == "infected"
+    assert ckpt["best_epoch"] == max(range(1, 5), key=lambda e: (ckpt["history"][e - 1]["val"]["auc"],
+                                                                 -ckpt["history"][e - 1]["val"]["loss"]))
+    assert 0.05 <= ckpt["temperature"] <= 20
+
+
+def test_partial_level_learns_with_augmentation(demo_data, tmp_path):
+    events = []
+    path = fit(small_config(demo_data, tmp_path, level="partial", epochs=4, augment=True), on_event=events.append)
+    assert load_checkpoint(path)["metrics"]["validation"]["auc"] >= 0.95
+    kinds = [e["type"] for e in events]
+    assert kinds.count("epoch") == 4 and kinds[-1] == "done" and "step" in kinds
+    ep = [e for e in events if e["type"] == "epoch"][0]
+    assert {"loss", "accuracy", "auc", "sensitivity", "specificity"} <= set(ep["val"])
+
+
+def test_stop_ends_the_run_and_saves_nothing(demo_data, tmp_path):
+    stop = threading.Event()
+    seen = []
+
+    def on_event(e):
+        seen.append(e["type"])
+        if e["type"] == "step":
+            stop.set()
+
+    with pytest.raises(TrainingStopped):
+        fit(small_config(demo_data, tmp_path, level="full", epochs=5, log_every=1), on_event=on_event, stop=stop)
+    # ended within one step of the request
+    assert seen.count("step") == 1 and seen[-1] == "stopped"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_loss_stops_with_a_clear_error(demo_data, tmp_path, monkeypatch):
+    def nan_loss(cfg, labels, device):
+        return lambda logits, y: (logits.sum() * float("nan"))
+
+    monkeypatch.setattr("covid_cls.engine.make_loss", nan_loss)
+    events = []
+    with pytest.raises(TrainingError, match="loss became nan.*learning rate"):
+        fit(small_config(demo_data, tmp_path), on_event=events.append)
+    assert events[-1]["type"] == "error" and "learning rate" in events[-1]["message"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_dataset_fails_before_any_work(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DatasetError, match="missing split"):
+        fit(small_config(tmp_path, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_training_is_deterministic(demo_data, tmp_path):
+    a = load_checkpoint(fit(small_config(demo_data, tmp_path / "a", level="partial", epochs=1)))
+    b = load_checkpoint(fit(small_config(demo_data, tmp_path / "b", level="partial", epochs=1)))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
+def test_losses_run_and_weight_the_rare_class(loss):
+    from covid_cls import TrainConfig
+
+    cfg = TrainConfig(loss=loss)
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    fn = make_loss(cfg, labels, torch.device("cpu"))
+    logits = torch.zeros(2, 2)
+    # with equal logits the loss on the rare class (normal, 1) must be at least that of the common one
+    l0, l1 = fn(logits[:1], torch.tensor([0])), fn(logits[1:], torch.tensor([1]))
+    assert torch.isfinite(l0) and l1 >= l0 if loss == "weighted_ce" else torch.isfinite(l1)
+
+
+def test_every_optimizer_and_schedule(demo_data, tmp_path):
+    for opt, sched in [("sgd", "cosine"), ("adamw", "onecycle")]:
+        path = fit(small_config(demo_data, tmp_path, epochs=1, optimizer=opt, schedule=sched))
+        assert path.exists()
+    assert len(list_checkpoints(tmp_path)) == 2
