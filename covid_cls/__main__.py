@@ -136,10 +136,11 @@ def cmd_evaluate(a) -> int:
         out = Path(a.plots)
         out.mkdir(parents=True, exist_ok=True)
         plots.save(plots.confusion(r["confusion"], f"confusion ({a.split})"), out / "confusion.png")
+        from .metrics import roc_curve
+
         pos = r["classes"].index("infected")
-        y = np.array(r["labels"]) == pos
-        s = np.array(r["probs"])[:, pos]
-        plots.save(plots.roc({a.split: (y, s)}), out / "roc.png")
+        fpr, tpr, _ = roc_curve(np.array(r["labels"]) == pos, np.array(r["probs"])[:, pos])
+        plots.save(plots.roc({a.split: (fpr, tpr, r["auc"])}), out / "roc.png")
         print(f"plots in {out}/ (confusion.png, roc.png)")
     return 0
 

@@ -164,7 +164,7 @@ def to_square_u8(img: Image.Image, size: int) -> np.ndarray:
     """
     if img.mode != "L":
         img = img.convert("L")
-    return np.asarray(img.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+    return np.array(img.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .checkpoints import save_checkpoint
 from .config import TrainConfig, default_batch_size
 from .data import (CLASSES, POSITIVE, DecodedCache, DecodedSplit, eval_batch, fingerprint, read_manifest,
                    scan_dataset, train_batch)
-from .metrics import binary_metrics, clean, fit_temperature
+from .metrics import binary_metrics, clean, fit_temperature, roc_points
 from .models import ARCHS, build_model, count_params, get_head
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -279,7 +279,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         model.to(memory_format=torch.channels_last)
     params = count_params(model)
     emit({"type": "log", "message": f"{ARCHS[cfg.arch].title} · {cfg.level}: {params['trainable']:,} of "
-          f"{params['total']:,} parameters trained; weights: {meta['weights_note']}; device {device}"})
+          f"{params['total']:,} parameters trained; weights: {meta['weights_origin']}; device {device}"})
 
     # 4. data on the device (uint8: 65 KB per 256 px image), forward function per level
     on_dev = {k: (v.images.to(device), v.labels.to(device)) for k, v in decoded.items()}
@@ -329,9 +329,12 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     # 6. temperature on validation, then final metrics per split (with the temperature applied)
     _, val_logits = evaluate(model, forward, eval_batches["validation"], device, stop=stop)
     temperature = fit_temperature(val_logits, batches["validation"].y)
-    metrics = {name: clean(evaluate(model, forward, eval_batches[name], device, temperature=temperature,
-                                    stop=stop)[0])
-               for name in ("train", "validation", "test")}
+    metrics = {}
+    for name in ("train", "validation", "test"):
+        m, logits = evaluate(model, forward, eval_batches[name], device, temperature=temperature, stop=stop)
+        m["roc"] = roc_points(batches[name].y.cpu().numpy() == CLASSES.index(POSITIVE),
+                              torch.softmax(logits, 1)[:, CLASSES.index(POSITIVE)].numpy())
+        metrics[name] = clean(m)
     if stop is not None and stop.is_set():
         raise TrainingStopped("stopped on request")
 

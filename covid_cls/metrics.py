@@ -44,6 +44,15 @@ def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nda
     return fpr, tpr, np.concatenate([[np.inf], thr])
 
 
+def roc_points(y_true: np.ndarray, score: np.ndarray, max_points: int = 101) -> dict[str, list[float]]:
+    """A small ROC curve (at most ``max_points`` points) to keep in checkpoint cards for plotting."""
+    fpr, tpr, _ = roc_curve(y_true, score)
+    if len(fpr) > max_points:
+        idx = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+        fpr, tpr = fpr[idx], tpr[idx]
+    return {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     """ECE of the predicted class's confidence (Guo et al. 2017), equal-width bins."""
     probs = np.asarray(probs, dtype=np.float64)

@@ -11,7 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data import CLASSES, POSITIVE  # noqa: E402
-from .metrics import roc_curve  # noqa: E402
 
 
 def curves(history: Sequence[dict[str, Any]], steps: Sequence[tuple[float, float]] = (),
@@ -32,7 +31,8 @@ def curves(history: Sequence[dict[str, Any]], steps: Sequence[tuple[float, float
     ax_acc.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy / AUC")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -54,14 +54,12 @@ def confusion(cm: Sequence[Sequence[int]], title: str = "confusion matrix") -> p
     return fig
 
 
-def roc(curves_by_name: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC (positive: infected)") -> plt.Figure:
-    """``curves_by_name``: name -> (labels is_positive, score)."""
-    from .metrics import roc_auc
-
+def roc(curves_by_name: dict[str, tuple[Sequence[float], Sequence[float], float | None]],
+        title: str = "ROC (positive: infected)") -> plt.Figure:
+    """``curves_by_name``: name -> (false positive rates, true positive rates, AUC)."""
     fig, ax = plt.subplots(figsize=(3.8, 3.4), constrained_layout=True)
-    for name, (y, s) in curves_by_name.items():
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(y, s):.3f})")
+    for name, (fpr, tpr, auc) in curves_by_name.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
     ax.plot([0, 1], [0, 1], ":", color="0.6")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=8, loc="lower right")
@@ -76,7 +74,8 @@ def overlaid_validation(runs: dict[str, Sequence[dict[str, Any]]], metric: str =
         ax.plot([h["epoch"] for h in hist], [h["val"].get(metric) for h in hist], "o-", label=name)
     ax.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"validation {metric} per run")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if runs:
+        ax.legend(fontsize=8)
     return fig
 
 

@@ -53,3 +53,17 @@ def test_module_entry_point_help():
 def test_bad_choices_rejected_by_argparse(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_study_writes_table_and_plots(tmp_path, capsys):
+    data = tmp_path / "data"
+    main(["demo-data", str(data), "--n", "8", "--size", "48"])
+    assert main(["study", "--data", str(data), "--archs", "resnet18", "--levels", "fc", "partial", "--epochs", "1",
+                 "--weights", "none", "--image-size", "64", "--out", str(tmp_path / "ck"),
+                 "--report", str(tmp_path / "rep")]) == 0
+    table = (tmp_path / "rep" / "study.md").read_text()
+    assert "| resnet18 | fc |" in table and "| resnet18 | partial |" in table and "not a diagnosis" in table
+    csv_rows = (tmp_path / "rep" / "study.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("arch,level,trainable_params")
+    assert (tmp_path / "rep" / "study_val_auc.png").stat().st_size > 1000
+    assert len(list((tmp_path / "ck").glob("*.pt"))) == 2

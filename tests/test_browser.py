@@ -1,0 +1,110 @@
+"""The app in a real browser: headless Debian Chromium driven by Playwright (never `playwright install`).
+
+Set UPDATE_SCREENSHOTS=1 to refresh the README screenshots in docs/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CXR_FULLRES
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM and not os.environ.get("CI"):
+    pytest.skip("Debian chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, fc_checkpoint):
+    from covid_cls.ui import CSS, Settings, build_app
+    from test_app import _free_port
+
+    root = tmp_path_factory.mktemp("browser")
+    ck = root / "checkpoints"
+    ck.mkdir()
+    for src in (fc_checkpoint, fc_checkpoint.with_suffix(".json")):
+        shutil.copy(src, ck / src.name)
+    settings = Settings(checkpoints=ck, runs=root / "runs", training=True, max_upload=50 * 2**20, roots_env="")
+    demo = build_app(settings)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    yield f"http://127.0.0.1:{port}", root
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1300, "height": 1000})
+        pg.goto(served[0], wait_until="domcontentloaded")
+        pg.get_by_role("button", name="Predict", exact=True).wait_for(timeout=60_000)
+        yield pg
+        browser.close()
+
+
+def _shot(page, name: str, tmp_path: Path) -> None:
+    target = DOCS / name if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target), full_page=False)
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # keep committed screenshots small: 256-colour PNG
+        from PIL import Image
+
+        with Image.open(target) as im:
+            im.convert("RGB").quantize(256).save(target, optimize=True)
+
+
+def test_upload_predict_shows_overlay_and_label(page, served, tmp_path):
+    real = sorted(CXR_FULLRES.glob("*.png")) if CXR_FULLRES.is_dir() else []
+    if real:
+        image = real[0]
+    else:
+        from PIL import Image
+
+        from covid_cls.synthetic import synthetic_xray
+
+        image = tmp_path / "synthetic.png"
+        Image.fromarray(synthetic_xray(384, infected=True, seed=5)[0]).save(image)
+    page.locator("input[type=file]").first.set_input_files(str(image))
+    page.locator("#cc-preview img").wait_for(timeout=30_000)   # the preview of the decoded upload
+    page.get_by_role("button", name="Predict", exact=True).click()
+    page.locator("#cc-overlay img").wait_for(timeout=60_000)
+    info = page.locator("#cc-info")
+    info.get_by_text("Prediction:").wait_for(timeout=30_000)
+    text = info.inner_text()
+    assert "not a diagnosis" in text and ("infected" in text or "normal" in text)
+    assert page.locator("#cc-overlay img").evaluate("img => img.naturalWidth") > 100
+    assert page.get_by_text("Error").count() == 0
+    _shot(page, "predict.png", tmp_path)
+
+
+def test_tiny_training_run_updates_the_plot(page, served, tmp_path):
+    page.get_by_role("tab", name="Train").click()
+    epochs = page.get_by_label("number input for Epochs")
+    epochs.fill("3")
+    epochs.press("Enter")
+    page.get_by_role("button", name="Advanced").click()
+    size = page.get_by_label("number input for Image size")
+    size.fill("64")
+    size.press("Enter")
+    page.get_by_role("button", name="Start", exact=True).click()
+    progress = page.locator("#cc-train-progress")
+    progress.get_by_text("running").wait_for(timeout=60_000)
+    page.locator("#cc-curves img, #cc-curves svg, #cc-curves canvas").first.wait_for(timeout=60_000)
+    deadline = time.time() + 180
+    while time.time() < deadline and "done" not in progress.inner_text():
+        time.sleep(0.5)
+    assert "done" in progress.inner_text(), progress.inner_text()
+    assert "epoch 3/3" in page.get_by_label("Log").input_value()
+    time.sleep(1)  # let the final plot render
+    _shot(page, "train.png", tmp_path)
