@@ -162,7 +162,11 @@ def cmd_predict(a) -> int:
             status = 1
             continue
         probs = "  ".join(f"{k} {v:.3f}" for k, v in p.probs.items())
-        print(f"{img}: {p.label}  ({probs})  [{Path(p.checkpoint).name}, {p.device}, {p.latency_ms:.0f} ms]")
+        origin = " (trained from scratch)" if p.card.get("weights_origin") == "scratch" else ""
+        print(f"{img}: {p.label}  ({probs})  [{Path(p.checkpoint).name}{origin}, {p.device}, {p.latency_ms:.0f} ms]")
+        if p.ood.get("flagged"):
+            print("  WARNING: this does not look like the chest X-rays this model was trained on: "
+                  + "; ".join(p.ood["reasons"]))
         if out:
             p.overlay.save(out / f"{Path(img).stem}_gradcam.png")
     print(DISCLAIMER)

@@ -3,10 +3,14 @@
 The ``.pt`` holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``;
 anything needing pickle is refused. Writes are atomic (temporary name, fsync, ``os.replace``) and the
 card is written last: a run killed at any point leaves either a complete, listed checkpoint or none.
+The card records the size and SHA-256 of its ``.pt``: listing skips a file whose size or zip structure
+does not match (truncated), and loading refuses one whose bytes changed (torch itself does not check the
+stored tensors, so a damaged file would otherwise load with silently wrong weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +19,7 @@ import platform
 import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -34,7 +39,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid is part of the name: a process killed mid-write (SIGKILL skips the cleanup below)
+    # leaves ".<name>.<pid>.<random>.tmp", which whoever watched that process can remove (see jobs.py).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
@@ -71,11 +78,12 @@ def card_path(pt: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any],
-                    name: str | None = None) -> Path:
+                    name: str | None = None, tensors: dict[str, Any] | None = None) -> Path:
     """Save ``model``'s state_dict with ``meta`` (arch, level, classes, config, metrics, ...).
 
     Returns the ``.pt`` path. The card (``.json``) repeats the metadata without the weights so that
-    listing checkpoints never loads tensors.
+    listing checkpoints never loads tensors. ``tensors``: extra entries (tensors and plain values, e.g.
+    the OOD statistics) stored in the ``.pt`` only.
     """
     out_dir = Path(out_dir)
     arch, level = meta["arch"], meta["level"]
@@ -92,17 +100,39 @@ def save_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module, meta: di
     # torch's TorchVersion), which is what lets the file load with weights_only=True.
     card = json.loads(json.dumps(card, default=str))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {**card, "state_dict": state}
-    atomic_write(path, lambda f: torch.save(payload, f))
-    atomic_write(card_path(path), lambda f: f.write(json.dumps(card, indent=2, default=str).encode()))
+    payload = {**card, **(tensors or {}), "state_dict": state}
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+        # The card also vouches for the weights file: its size (checked by listing) and digest (by loading).
+        card_on_disk = {**card, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        atomic_write(card_path(path),
+                     lambda f: f.write(json.dumps(card_on_disk, indent=2, default=str).encode()))
+    except BaseException as exc:
+        path.unlink(missing_ok=True)   # weights without a card are of no use to anyone: leave nothing
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"could not save the checkpoint in {out_dir}: "
+                          f"{exc.strerror or exc}; nothing was saved. Free some disk space (or choose "
+                          "another output folder) and train again") from exc
+        raise
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); refuse pickled objects with a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path.name} does not exist")
+    card = read_card(path)
+    if card is not None and card.get("file") == path.name:
+        problem = _mismatch(path, card, digest=True)
+        if problem:
+            raise CheckpointError(f"cannot read checkpoint {path.name}: it is corrupt or truncated ({problem}); "
+                                  "delete it and train again")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # what weights_only=True raises
@@ -155,13 +185,31 @@ def list_checkpoints(directory: str | os.PathLike) -> list[dict[str, Any]]:
     cards = []
     for pt in sorted(directory.glob("*.pt")):
         card = read_card(pt)
-        if card is None or pt.stat().st_size == 0:
-            warnings.warn(f"skipping {pt.name}: no valid card beside it (incomplete or corrupt)", RuntimeWarning)
+        try:
+            problem = "no valid card beside it" if card is None else _mismatch(pt, card, digest=False)
+        except OSError:
+            continue   # deleted meanwhile
+        if problem:
+            warnings.warn(f"skipping {pt.name}: {problem} (incomplete or corrupt)", RuntimeWarning)
             continue
         card["path"] = str(pt)
         cards.append(card)
     cards.sort(key=lambda c: c.get("created", ""), reverse=True)
     return cards
+
+
+def _mismatch(pt: Path, card: dict, digest: bool) -> str | None:
+    """Why ``pt`` is not the file its card describes, or None. Cheap checks only unless ``digest``."""
+    size = pt.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if isinstance(card.get("bytes"), int) and card["bytes"] != size:
+        return f"{size:,} bytes instead of {card['bytes']:,}"
+    if not zipfile.is_zipfile(pt):   # torch.save writes a zip; a cut-off one has no central directory
+        return "not a complete checkpoint archive"
+    if digest and isinstance(card.get("sha256"), str) and card["sha256"] != file_sha256(pt):
+        return "its contents changed since it was saved"
+    return None
 
 
 def _score(card: dict) -> tuple[float, str]:

@@ -36,6 +36,7 @@ from .data import (CLASSES, POSITIVE, DecodedCache, DecodedSplit, eval_batch, fi
                    scan_dataset, train_batch)
 from .metrics import binary_metrics, clean, fit_temperature, roc_points
 from .models import ARCHS, build_model, count_params, get_head
+from .ood import fit_all, layout_features
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -212,10 +213,18 @@ def _image_forward(model: nn.Module, cfg: TrainConfig, device: torch.device, gen
 
 @torch.no_grad()
 def backbone_features(model: nn.Module, arch: str, images: torch.Tensor, cfg: TrainConfig,
-                      device: torch.device, batch_size: int, stop=None) -> torch.Tensor:
-    """Frozen-backbone features (input of the head) for a decoded split, eval preset, one pass."""
+                      device: torch.device, batch_size: int, stop=None, head_input: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eval-preset pass over a decoded split: (head-input features, pooled target-layer features).
+
+    The first feeds the level-fc feature cache, the second the OOD statistics (ood.py); both come from
+    the same forward pass. With ``head_input=False`` the whole model runs and the first is the logits.
+    """
+    from .ood import pooled_features
+
     model.eval()
-    feats = []
+    spec = ARCHS[arch]
+    feats, pooled = [], []
     for i in range(0, len(images), batch_size):
         if stop is not None and stop.is_set():
             raise TrainingStopped("stopped on request")
@@ -223,8 +232,13 @@ def backbone_features(model: nn.Module, arch: str, images: torch.Tensor, cfg: Tr
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device):
-            feats.append(ARCHS[arch].features(model, x).float())
-    return torch.cat(feats)
+            if head_input:
+                f, p = pooled_features(model, arch, x, forward=lambda m, x: spec.features(m, x))
+            else:
+                f, p = pooled_features(model, arch, x)
+        feats.append(f.float())
+        pooled.append(p.float())
+    return torch.cat(feats), torch.cat(pooled)
 
 
 def fit(config: TrainConfig, on_event: EventFn | None = None, stop=None) -> Path:
@@ -288,8 +302,10 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         # Level fc: the backbone is frozen, so its output never changes: compute it once and train the
         # head on it (10 epochs then cost about one frozen forward pass). Augmentation is not applied
         # to cached features; set feature_cache=False to train the head on augmented images.
-        feats = {k: backbone_features(model, cfg.arch, x, cfg, device, max(bs, 64), stop)
-                 for k, (x, _) in on_dev.items()}
+        both = {k: backbone_features(model, cfg.arch, x, cfg, device, max(bs, 64), stop)
+                for k, (x, _) in on_dev.items()}
+        feats = {k: v[0] for k, v in both.items()}
+        pooled = {k: v[1] for k, v in both.items()}   # frozen backbone: valid after training too
         head = get_head(model, cfg.arch)
 
         def forward(f: torch.Tensor, train: bool) -> torch.Tensor:
@@ -335,6 +351,12 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         m["roc"] = roc_points(batches[name].y.cpu().numpy() == CLASSES.index(POSITIVE),
                               torch.softmax(logits, 1)[:, CLASSES.index(POSITIVE)].numpy())
         metrics[name] = clean(m)
+    # 6b. OOD statistics of the final model's pooled features (Lee et al. 2018; see ood.py)
+    if not use_features:
+        pooled = {k: backbone_features(model, cfg.arch, on_dev[k][0], cfg, device, max(bs, 64), stop,
+                                       head_input=False)[1] for k in ("train", "validation")}
+    ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
+                        on_dev["train"][1])
     if stop is not None and stop.is_set():
         raise TrainingStopped("stopped on request")
 
@@ -351,9 +373,11 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
             [p for s in info.splits.values() for p in s.files]),
             "counts": info.counts(), "skipped": len(info.skipped) + sum(len(d.skipped) for d in decoded.values())},
         "train_seconds": time.perf_counter() - t_start,
+        "ood": {k: {"threshold": v["threshold"], "quantile": v["quantile"], "val_median": v["val_median"]}
+                for k, v in ood_stats.items()},
         "note": "research demo - not a diagnosis",
     }
-    path = save_checkpoint(cfg.out_dir, model, meta_out)
+    path = save_checkpoint(cfg.out_dir, model, meta_out, tensors={"ood_stats": ood_stats})
     del on_dev, batches, eval_batches, model
     if device.type == "cuda":
         torch.cuda.empty_cache()

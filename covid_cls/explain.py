@@ -42,20 +42,24 @@ class CamExplainer:
         self.cam = GradCAM(model=model, target_layers=[self.target])
         self.lock = threading.Lock()
 
-    def __call__(self, x: torch.Tensor, target_class: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    def __call__(self, x: torch.Tensor, target_class: int | None = None, return_pooled: bool = False):
         """x: (1,3,S,S) on the model's device -> (logits (1,C) on CPU, cam (S,S) float32 in [0,1]).
 
-        The map explains ``target_class``, by default the predicted class.
+        The map explains ``target_class``, by default the predicted class. With ``return_pooled`` also
+        the target layer's output averaged over space (1, C) — the OOD check's feature, for free.
         """
         with self.lock, torch.enable_grad():
             targets = None if target_class is None else [self._Target(target_class)]
             cam = self.cam(input_tensor=x, targets=targets)
             logits = self.cam.outputs.detach().float().cpu()
+            pooled = self.cam.activations_and_grads.activations[0].float().mean(dim=(2, 3)).cpu()
             # drop references to the graph (kept by retain_graph) and the stored tensors
             self.cam.outputs = None
             self.cam.activations_and_grads.activations.clear()
             self.cam.activations_and_grads.gradients.clear()
             self.model.zero_grad(set_to_none=True)
+        if return_pooled:
+            return logits, cam[0].astype(np.float32), pooled
         return logits, cam[0].astype(np.float32)
 
     def release(self) -> None:

@@ -349,8 +349,23 @@ def _apply_exif_orientation(im: Image.Image) -> Image.Image:
     return im if out is None else out
 
 
+def colourfulness(im: Image.Image) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of an RGB-like image (0 = gray; > ~15 clearly coloured).
+
+    Computed on a 128 px thumbnail; kept with the grayscale result (``info["colourfulness"]``) because
+    a strongly coloured upload is a cheap sign that it is not a radiograph (see ood.py).
+    """
+    thumb = im.convert("RGB")
+    thumb.thumbnail((128, 128))
+    a = np.asarray(thumb, dtype=np.float32)
+    rg = a[..., 0] - a[..., 1]
+    yb = 0.5 * (a[..., 0] + a[..., 1]) - a[..., 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
 def _to_gray8(im: Image.Image) -> Image.Image:
     mode = im.mode
+    colour = colourfulness(im) if mode in ("P", "PA", "RGBA", "RGBa", "RGB", "RGBX", "CMYK", "YCbCr") else 0.0
     if mode == "L":
         out = im.copy()
     elif mode == "1":
@@ -371,7 +386,7 @@ def _to_gray8(im: Image.Image) -> Image.Image:
         out = im.convert("RGB").convert("L")
     else:
         out = im.convert("L")
-    out.info = {}  # metadata of the upload (EXIF, ICC, text chunks) is not needed downstream
+    out.info = {"colourfulness": colour}  # the upload's metadata (EXIF, ICC, text) is not needed downstream
     return out
 
 

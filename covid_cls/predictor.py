@@ -20,6 +20,7 @@ from .engine import resolve_device
 from .explain import CamExplainer, overlay, resize_cam
 from .imaging import load_image
 from .models import check_level, get_spec
+from .ood import assess, layout_features
 
 DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
 
@@ -39,6 +40,7 @@ class Prediction:
     checkpoint: str
     card: dict[str, Any] = field(default_factory=dict)
     image: Image.Image | None = None    # the decoded grayscale input
+    ood: dict[str, Any] = field(default_factory=dict)   # {"flagged", "reasons", "scores"} (see ood.py)
     disclaimer: str = DISCLAIMER
 
 
@@ -47,6 +49,7 @@ class _Loaded:
     model: torch.nn.Module
     card: dict[str, Any]
     explainer: CamExplainer
+    ood_stats: dict[str, Any] | None = None
 
 
 class Predictor:
@@ -87,7 +90,7 @@ class Predictor:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             model, card = load_model(path, self.device)
-            loaded = _Loaded(model, card, CamExplainer(model, card["arch"]))
+            loaded = _Loaded(model, card, CamExplainer(model, card["arch"]), card.pop("ood_stats", None))
             self._warm_up(loaded)
             self._cache[key] = loaded
             while len(self._cache) > self.max_models:
@@ -128,17 +131,18 @@ class Predictor:
         t0 = time.perf_counter()
         u8 = torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None]
         x = eval_batch(u8.to(self.device), card.get("image_size", 224))
-        logits, cam = loaded.explainer(x)
+        logits, cam, pooled = loaded.explainer(x, return_pooled=True)
         temperature = float(card.get("temperature", 1.0))
         p = torch.softmax(logits[0] / temperature, dim=0).tolist()
         classes = card["classes"]
         cam_full = resize_cam(cam, img.size)
+        ood = assess(img, pooled, layout_features(u8), loaded.ood_stats)
         latency = (time.perf_counter() - t0) * 1000
         return Prediction(
             label=classes[int(np.argmax(p))], probs=dict(zip(classes, p)), cam=cam_full,
             overlay=overlay(img, cam, alpha), device=_device_name(self.device), latency_ms=latency,
             checkpoint=str(path), card={k: v for k, v in card.items() if k not in ("state_dict", "history")},
-            image=img)
+            image=img, ood=ood)
 
 
 def _device_name(device: torch.device) -> str:

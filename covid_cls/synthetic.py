@@ -104,3 +104,59 @@ def lesion_mask(dataset_dir: str | os.PathLike, image_path: str | os.PathLike) -
     if not m.is_file():
         return None
     return np.asarray(Image.open(m)) > 127
+
+
+def non_xray_images(n: int = 20, size: int = 256, seed: int = 0) -> dict[str, list[Image.Image]]:
+    """Generated images that are NOT chest X-rays, by kind, for measuring the out-of-distribution check.
+
+    colour_scene: a landscape-like picture (sky gradient, ground, sun, objects) in colour;
+    gray_scene: the same in grayscale (the hard case: no colour cue); text: a page of text;
+    noise: uniform noise; shapes: geometric shapes on a plain background.
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[Image.Image]] = {k: [] for k in ("colour_scene", "gray_scene", "text", "noise", "shapes")}
+    yy = np.linspace(0, 1, size)[:, None, None]
+    for _ in range(n):
+        sky_top, sky_bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = (sky_top * (1 - yy) + sky_bottom * yy) * np.ones((size, size, 3))
+        horizon = int(size * rng.uniform(0.4, 0.8))
+        img[horizon:] = rng.uniform(0, 255, 3) * rng.uniform(0.6, 1.0, (size - horizon, 1, 1))
+        scene = Image.fromarray(np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(scene)
+        for _ in range(int(rng.integers(3, 9))):
+            x0, y0 = rng.integers(0, size, 2)
+            w, h = rng.integers(size // 16, size // 3, 2)
+            box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+            fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=fill)
+        out["colour_scene"].append(scene)
+        out["gray_scene"].append(scene.convert("L"))
+
+        page = Image.new("L", (size, size), int(rng.integers(200, 256)))
+        d = ImageDraw.Draw(page)
+        for line in range(int(rng.integers(8, 20))):
+            words = " ".join("".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 9))))
+                             for _ in range(6))
+            d.text((8, 8 + line * 12), words, fill=int(rng.integers(0, 60)))
+        out["text"].append(page)
+
+        out["noise"].append(Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)))
+
+        shapes = Image.new("L", (size, size), int(rng.choice([0, 255])))
+        d = ImageDraw.Draw(shapes)
+        for _ in range(int(rng.integers(2, 7))):
+            x0, y0 = rng.integers(0, size - 20, 2)
+            w, h = rng.integers(10, size // 2, 2)
+            box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+            g = int(rng.integers(0, 256))
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                d.rectangle(box, fill=g)
+            elif kind == 1:
+                d.ellipse(box, fill=g)
+            else:
+                d.polygon([(int(x0), int(y0 + h)), (int(x0 + w // 2), int(y0)), (int(x0 + w), int(y0 + h))], fill=g)
+        out["shapes"].append(shapes)
+    return out

@@ -246,7 +246,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             raise gr.Error(str(exc)) from None
         except NoCheckpointError as exc:
             raise gr.Error(str(exc)) from None
+        warning = ("> ⚠️ **This does not look like the chest X-rays this model was trained on** — "
+                   + "; ".join(p.ood["reasons"]) + ". The prediction below is unreliable.") if p.ood.get("flagged") else ""
         info = "\n\n".join([
+            warning,
             f"### Prediction: **{p.label}**  \n" + " · ".join(f"{k} {v:.1%}" for k, v in p.probs.items())
             + " (temperature-calibrated)",
             f"Ran on **{p.device}** in **{p.latency_ms:.0f} ms** (forward + Grad-CAM).",
