@@ -95,6 +95,15 @@ def test_train_streams_epochs_then_model_is_listed_and_predicts(app, tmp_path):
         assert im.mode == "RGB" and min(im.size) > 100
 
 
+def test_compare_shows_every_trained_pair(app, tmp_path):
+    _, client, settings, _ = app
+    gallery, table = client.predict(handle_file(_image(tmp_path)), api_name="/compare")
+    trained = {(c["arch"], c["level"]) for c in client.predict(api_name="/models")}
+    assert len(gallery) == len(table["data"]) == len(trained) >= 1
+    assert all(0.0 <= row[3] <= 1.0 for row in table["data"])
+    assert "· fc" in gallery[0]["caption"]
+
+
 def test_stop_ends_the_run_without_a_checkpoint(app):
     _, client, settings, _ = app
     before = set(settings.checkpoints.glob("*.pt"))
