@@ -104,6 +104,17 @@ def test_compare_shows_every_trained_pair(app, tmp_path):
     assert "· fc" in gallery[0]["caption"]
 
 
+def test_study_runs_each_pair_and_reports_a_table(app):
+    _, client, settings, _ = app
+    updates = list(client.submit("synthetic demo set", "", None, ["resnet18"], ["fc", "partial"], 1, 1e-3, "adam",
+                                 "none", 64, api_name="/study"))
+    progress, plot, table, log = updates[-1]
+    assert "done" in progress
+    assert [(r[0], r[1]) for r in table["data"]] == [("resnet18", "fc"), ("resnet18", "partial")]
+    assert "run 1/2" in "".join(u[0] for u in updates) or "=== run 1/2" in log
+    assert list((settings.runs / "studies").glob("*/study.csv"))
+
+
 def test_stop_ends_the_run_without_a_checkpoint(app):
     _, client, settings, _ = app
     before = set(settings.checkpoints.glob("*.pt"))
