@@ -2,9 +2,22 @@
 
 Why a process and not a thread: a crash, an out-of-memory kill or a stuck CUDA kernel in training must
 never take the web server down, and a stop must be able to end the run for sure. The worker calls the
-same ``fit`` / ``run_study`` as the CLI and sends their events through a multiprocessing queue; a
+same ``fit`` / ``run_study`` as the CLI and sends their events through a pipe; a
 thread in the server drains it into the run's state, which is saved (atomically) to ``runs/<id>.json``
 so history survives a restart. One run at a time: a second start is refused with a clear message.
+
+Nothing the worker does — or how it dies — may wedge the server:
+
+* events travel through a one-way pipe as length-prefixed pickles that the server reads with ``select``
+  and non-blocking reads, so a worker killed half-way through writing an event (SIGKILL, OOM) leaves a
+  partial frame that is simply discarded. (A ``multiprocessing.Queue`` reader would block forever in
+  ``recv`` on such a frame, because the server holds a write end of the queue's pipe itself.)
+* the stop request is one byte of shared memory without a lock: ``multiprocessing.Event`` guards its
+  flag with a lock shared by both processes, and a worker killed while inside ``is_set()`` would leave
+  it held, so the next Stop would block the server forever.
+* when a worker ends without reporting a result, its temporary files (``.<name>.<pid>.*.tmp``, see
+  ``checkpoints.atomic_write``) and a checkpoint whose card was never written are removed: a killed run
+  leaves either a complete, listed checkpoint or nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +25,10 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import queue
+import pickle
+import select
+import signal
+import struct
 import threading
 import time
 import traceback
@@ -30,11 +46,98 @@ class JobBusy(RuntimeError):
     """A run is already in progress."""
 
 
-def _worker(kind: str, cfg: dict, extra: dict, events, stop) -> None:
+_FRAME = struct.Struct("!I")   # length prefix of one pickled event
+
+
+class _StopFlag:
+    """Stop request shared with the worker: one byte of shared memory, set by the server, read by the worker.
+
+    No lock is involved (see the module docstring), so ``set()`` can never block on a dead worker.
+    Offers the ``is_set()`` / ``set()`` interface of ``threading.Event`` that ``fit`` expects.
+    """
+
+    def __init__(self, ctx):
+        self._flag = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
+class _EventSender:
+    """Worker end of the event stream: ``put(event)`` writes one length-prefixed pickle to the pipe."""
+
+    def __init__(self, conn):
+        self._conn = conn            # keeps the descriptor open
+        self._fd = conn.fileno()
+        self._lock = threading.Lock()   # decode progress may be reported from several threads
+
+    def put(self, event: dict) -> None:
+        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+        buf = memoryview(_FRAME.pack(len(data)) + data)
+        with self._lock:
+            while buf:
+                buf = buf[os.write(self._fd, buf):]
+
+
+class _EventReader:
+    """Server end of the event stream. ``read(timeout)`` never blocks longer than ``timeout``, whatever the
+    worker left in the pipe; a partial frame at the end of the stream is discarded."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._fd = conn.fileno()
+        os.set_blocking(self._fd, False)
+        self._buf = bytearray()
+        self.eof = False
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buf)
+
+    def read(self, timeout: float) -> list[dict]:
+        if not self.eof:
+            try:
+                ready, _, _ = select.select([self._fd], [], [], timeout)
+                chunk = os.read(self._fd, 1 << 16) if ready else None
+            except BlockingIOError:
+                chunk = None
+            except (OSError, ValueError):   # closed or broken: the stream is over
+                chunk = b""
+            if chunk == b"":
+                self.eof = True
+            elif chunk:
+                self._buf += chunk
+        events = []
+        while len(self._buf) >= _FRAME.size:
+            (n,) = _FRAME.unpack_from(self._buf)
+            if len(self._buf) < _FRAME.size + n:
+                break
+            payload = bytes(self._buf[_FRAME.size:_FRAME.size + n])
+            del self._buf[:_FRAME.size + n]
+            try:
+                event = pickle.loads(payload)   # our own worker's bytes
+            except Exception:  # noqa: BLE001 - a garbled frame is skipped, never fatal
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+
+def _worker(kind: str, cfg: dict, extra: dict, conn, stop) -> None:
     """Entry point of the worker process (spawned: nothing inherited from the server but arguments)."""
     import warnings
 
     warnings.simplefilter("ignore")  # warnings reach the UI as log events instead
+    events = _EventSender(conn)
     try:
         from .config import TrainConfig
 
@@ -93,12 +196,18 @@ class Run:
 class JobManager:
     """Starts, watches, stops and remembers training runs."""
 
+    #: How long the watcher waits for the end of the event stream once the worker is dead (normally the
+    #: stream ends at once; only a descriptor leaked into some other process could keep it open).
+    dead_grace_s = 2.0
+
     def __init__(self, runs_dir: str | os.PathLike = "runs"):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
-        self._active: tuple[Run, Any, Any, Any] | None = None   # run, process, queue, stop event
+        self._active: tuple[Run, Any, Any, _StopFlag] | None = None   # run, process, event reader, stop flag
+        self._stop_requested: set[str] = set()
+        self._watched: dict[str, threading.Event] = {}   # set when a run's watcher has finished everything
         self._runs: dict[str, Run] = {}
         self._load_history()
 
@@ -127,6 +236,12 @@ class JobManager:
         with self._lock:
             return self._active[0] if self._active else None
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the active run's worker, or None when no run is in progress (read-only)."""
+        with self._lock:
+            return self._active[1].pid if self._active else None
+
     def get(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
@@ -135,17 +250,33 @@ class JobManager:
 
     def start(self, config: dict[str, Any], kind: str = "train", extra: dict | None = None) -> Run:
         with self._lock:
+            ending = self._watched.get(self._active[0].id) if self._active else None
+            if ending is not None and self._active[0].status not in TERMINAL:
+                ending = None
+        if ending is not None:
+            # The previous run has reported its end and its process is exiting: a Start pressed right
+            # after "done" waits for that instead of being refused.
+            ending.wait(15)
+        with self._lock:
             if self._active is not None:
                 run = self._active[0]
                 raise JobBusy(f"A training run is already in progress ({run.kind} {run.id}, {run.status}). "
                               "One run at a time per device: wait for it to finish or press Stop.")
             run = Run(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4], kind=kind, config=config)
-            events, stop = self._ctx.Queue(), self._ctx.Event()
-            proc = self._ctx.Process(target=_worker, args=(kind, config, extra or {}, events, stop),
+            reader, writer = self._ctx.Pipe(duplex=False)
+            stop = _StopFlag(self._ctx)
+            proc = self._ctx.Process(target=_worker, args=(kind, config, extra or {}, writer, stop),
                                      name=f"covid_cls-{kind}-{run.id}", daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            finally:
+                # The worker has its own copy now. Closing ours means the stream ends (EOF) exactly when
+                # the worker is gone, however it ends.
+                writer.close()
+            events = _EventReader(reader)
             run.status = "running"
             self._active = (run, proc, events, stop)
+            self._watched[run.id] = threading.Event()
             self._runs[run.id] = run
             self._save(run)
         threading.Thread(target=self._watch, args=(run, proc, events), daemon=True,
@@ -158,7 +289,8 @@ class JobManager:
             if self._active is None or (run_id and self._active[0].id != run_id):
                 return False
             run, proc, _, stop = self._active
-        stop.set()
+            self._stop_requested.add(run.id)
+        stop.set()   # never blocks (no lock shared with the worker)
         run.message = "stopping…"
         run.version += 1
 
@@ -171,47 +303,89 @@ class JobManager:
         return True
 
     def wait(self, run_id: str, timeout: float | None = None) -> Run:
+        """Wait until the run has ended and the manager has finished with it (or ``timeout`` passed)."""
         t0 = time.time()
         run = self._runs[run_id]
-        while run.status not in TERMINAL:
+        watched = self._watched.get(run_id)
+        while run.status not in TERMINAL or (watched is not None and not watched.is_set()):
             if timeout is not None and time.time() - t0 > timeout:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         return run
 
     # ---------------------------------------------------------------------------------------------
-    def _watch(self, run: Run, proc, events) -> None:
-        t_start, epochs_total = time.time(), max(1, int(run.config.get("epochs", 1)))
-        while True:
-            try:
-                e = events.get(timeout=0.25)
-            except queue.Empty:
-                if not proc.is_alive():
-                    # drain what is left, then decide how it ended
-                    try:
-                        while True:
-                            self._apply(run, events.get_nowait(), t_start, epochs_total)
-                    except (queue.Empty, OSError, EOFError, ValueError):
-                        pass
-                    break
+    def _watch(self, run: Run, proc, events: _EventReader) -> None:
+        try:
+            self._follow(run, proc, events)
+        finally:
+            events.close()
+            with self._lock:
+                if self._active and self._active[0] is run:
+                    self._active = None
+                self._stop_requested.discard(run.id)
+                done = self._watched.pop(run.id, None)
+            if done is not None:
+                done.set()
+
+    def _follow(self, run: Run, proc, events: _EventReader) -> None:
+        t_start, epochs_total = time.time(), max(1, int(run.config.get("epochs", 1) or 1))
+        dead_since = None
+        while not events.eof:
+            for e in events.read(0.25):
+                self._apply_safely(run, e, t_start, epochs_total)
+            if proc.is_alive():
                 continue
-            except (OSError, EOFError, ValueError):
+            dead_since = dead_since or time.monotonic()
+            if time.monotonic() - dead_since > self.dead_grace_s:
                 break
-            self._apply(run, e, t_start, epochs_total)
-            if e["type"] in ("epoch", "done", "error", "stopped", "study_done"):
-                self._save(run)
         proc.join(5)
+        if proc.is_alive():   # the stream broke but the process lives on: never leave a second run behind
+            proc.kill()
+            proc.join(5)
         if run.status not in TERMINAL:
-            code = proc.exitcode
-            run.status = "failed"
-            reason = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
-            run.message = f"the training process ended unexpectedly: {reason}; nothing was saved"
+            if run.id in self._stop_requested:
+                run.status, run.message = "stopped", "stopped on request (the process was ended); nothing was saved"
+            else:
+                run.status = "failed"
+                run.message = (f"the training process ended unexpectedly: {_exit_reason(proc.exitcode)}; "
+                               "nothing was saved")
+            run.log.append(("" if run.status == "stopped" else "ERROR: ") + run.message)
+        if run.status != "done":
+            self._remove_partial_files(run, proc.pid)
         run.finished = time.time()
         run.version += 1
         self._save(run)
-        with self._lock:
-            if self._active and self._active[0] is run:
-                self._active = None
+
+    def _remove_partial_files(self, run: Run, pid: int | None) -> None:
+        """After a run that saved nothing: delete the temporary files its worker left (a SIGKILL skips every
+        ``finally``) and any checkpoint written during the run whose card never followed."""
+        from .checkpoints import card_path
+
+        out = Path(run.config.get("out_dir") or "checkpoints")
+        cache = Path(os.environ.get("COVID_CLS_CACHE", Path.home() / ".cache" / "covid_cls"))
+        if pid is not None:
+            for folder, pattern in ((out, f".*.{pid}.*.tmp"), (cache, f"**/.*.{pid}.*.tmp")):
+                try:
+                    for tmp in list(folder.glob(pattern)):
+                        tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+        try:
+            for pt in out.glob("*.pt"):
+                if not card_path(pt).exists() and pt.stat().st_mtime >= run.created - 1.0:
+                    pt.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _apply_safely(self, run: Run, e: dict, t_start: float, epochs_total: int) -> None:
+        try:
+            self._apply(run, e, t_start, epochs_total)
+        except Exception as exc:  # noqa: BLE001 - a malformed event must not end the watcher
+            run.log.append(f"(ignored a malformed {e.get('type', '?')!s} event: {exc.__class__.__name__})")
+            run.version += 1
+            return
+        if e.get("type") in ("epoch", "done", "error", "stopped", "study_done"):
+            self._save(run)
 
     def _apply(self, run: Run, e: dict, t_start: float, epochs_total: int) -> None:
         t = e.get("type")
@@ -260,3 +434,19 @@ class JobManager:
         run.log = run.log[-200:]
         run.steps = run.steps[-2000:]
         run.version += 1
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "it did not exit"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if -code == signal.SIGKILL:
+            return f"killed by {name} (out of memory, or killed from outside)"
+        return f"killed by {name}"
+    if code == 0:
+        return "it exited without reporting a result"
+    return f"exit code {code}"

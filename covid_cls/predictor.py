@@ -140,7 +140,10 @@ class Predictor:
         latency = (time.perf_counter() - t0) * 1000
         return Prediction(
             label=classes[int(np.argmax(p))], probs=dict(zip(classes, p)), cam=cam_full,
-            overlay=overlay(img, cam, alpha), device=_device_name(self.device), latency_ms=latency,
+            # overlay() would resize the map to the image again; reuse cam_full where it keeps the image
+            # size (up to its max_side of 1024 px; larger images are shown downscaled, from the small map)
+            overlay=overlay(img, cam_full if max(img.size) <= 1024 else cam, alpha),
+            device=_device_name(self.device), latency_ms=latency,
             checkpoint=str(path), card={k: v for k, v in card.items() if k not in ("state_dict", "history")},
             image=img, ood=ood)
 

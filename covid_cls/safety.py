@@ -1,10 +1,15 @@
-"""Guards for what the web app reads from disk: allowed dataset roots and safe zip extraction."""
+"""Guards for what the web app reads from disk: allowed dataset roots, safe zip extraction, uploads."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
+import threading
+import time
 import zipfile
+from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
 MAX_ZIP_BYTES = 2 * 1024**3       # uncompressed total
@@ -30,8 +35,8 @@ def check_allowed(path: str | os.PathLike, roots: list[Path]) -> Path:
         raise UnsafePath("no folder given")
     try:
         real = Path(path).expanduser().resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise UnsafePath(f"folder {path} does not exist") from None
+    except (OSError, RuntimeError, ValueError):   # missing, a symlink loop, a NUL byte in the name ...
+        raise UnsafePath(f"folder {path!s:.200} does not exist") from None
     for root in roots:
         if real == root or real.is_relative_to(root):
             return real
@@ -40,52 +45,179 @@ def check_allowed(path: str | os.PathLike, roots: list[Path]) -> Path:
                      "set COVID_CLS_DATA_ROOTS to allow more")
 
 
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                zipfile.ZIP_LZMA: "lzma"}
+
+
+def _check_entries(infos: list[zipfile.ZipInfo]) -> None:
+    """Every check that can be made from the archive's directory, before a single byte is extracted."""
+    if len(infos) > MAX_ZIP_FILES:
+        raise UnsafePath(f"zip has {len(infos):,} entries; the limit is {MAX_ZIP_FILES:,}")
+    total = packed = 0
+    for info in infos:
+        name = info.filename
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not parts or "\x00" in name:
+            raise UnsafePath(f"zip entry {name!r} has no usable name; refused")
+        if name.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+            raise UnsafePath(f"zip entry {name!r} points outside the archive; refused")
+        # Unix file type in the high bits of external_attr; 0 (no type recorded: Windows tools, Python's
+        # writestr) means a plain file or folder.
+        ftype = stat.S_IFMT(info.external_attr >> 16)
+        if ftype and ftype not in (stat.S_IFREG, stat.S_IFDIR):
+            raise UnsafePath(f"zip entry {name!r} is a link or special file; refused")
+        if info.flag_bits & 0x1:
+            raise UnsafePath(f"zip entry {name!r} is password-protected; upload an unencrypted zip")
+        if info.compress_type not in _ZIP_METHODS:
+            raise UnsafePath(f"zip entry {name!r} uses an unsupported compression method "
+                             f"({info.compress_type}); use ordinary deflate compression")
+        total += info.file_size
+        packed += info.compress_size
+        if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 1 << 20:
+            raise UnsafePath(f"zip entry {name!r} expands {info.file_size / info.compress_size:.0f}x "
+                             "(a zip bomb?); refused")
+    if total > MAX_ZIP_BYTES:
+        raise UnsafePath(f"zip expands to {total / 1024**3:.1f} GB; the limit is {MAX_ZIP_BYTES / 1024**3:.0f} GB")
+    # Many small members can add up to a bomb that no single member reveals.
+    if packed and total / packed > MAX_ZIP_RATIO and total > 16 << 20:
+        raise UnsafePath(f"zip expands {total / packed:.0f}x overall (a zip bomb?); refused")
+
+
 def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Extract an ImageFolder zip after checking every entry first (nothing is written if any check fails).
 
-    Refused: absolute paths, ``..`` components, symlinks and other special files, more than
-    MAX_ZIP_FILES entries, more than MAX_ZIP_BYTES uncompressed, members compressed over MAX_ZIP_RATIO:1.
-    A single top-level folder wrapping train/validation/test is unwrapped.
+    Refused: absolute paths, ``..`` components, symlinks and other special files, encrypted members,
+    more than MAX_ZIP_FILES entries, more than MAX_ZIP_BYTES uncompressed, members (or the whole archive)
+    compressed over MAX_ZIP_RATIO:1. Members are extracted into a hidden staging folder beside ``dest`` and
+    moved into ``dest`` only when all of them were read completely and intact (a header that lies about
+    a size, a CRC error or a full disk found half-way leaves ``dest`` as it was). A single top-level
+    folder wrapping train/validation/test is unwrapped.
     """
     dest = Path(dest)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise UnsafePath(f"not a readable zip file ({exc.__class__.__name__})") from None
     with zf:
         infos = zf.infolist()
-        if len(infos) > MAX_ZIP_FILES:
-            raise UnsafePath(f"zip has {len(infos):,} entries; the limit is {MAX_ZIP_FILES:,}")
-        total = 0
-        for info in infos:
-            name = info.filename
-            parts = PurePosixPath(name.replace("\\", "/")).parts
-            if name.startswith(("/", "\\")) or (parts and (":" in parts[0])) or ".." in parts:
-                raise UnsafePath(f"zip entry {name!r} points outside the archive; refused")
-            mode = info.external_attr >> 16
-            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
-                raise UnsafePath(f"zip entry {name!r} is a link or special file; refused")
-            total += info.file_size
-            if info.compress_size and info.file_size / info.compress_size > MAX_ZIP_RATIO and info.file_size > 1 << 20:
-                raise UnsafePath(f"zip entry {name!r} expands {info.file_size / info.compress_size:.0f}x "
-                                 "(a zip bomb?); refused")
-        if total > MAX_ZIP_BYTES:
-            raise UnsafePath(f"zip expands to {total / 1024**3:.1f} GB; the limit is {MAX_ZIP_BYTES / 1024**3:.0f} GB")
-        dest.mkdir(parents=True, exist_ok=True)
-        for info in infos:
-            target = dest.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                written = 0
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > info.file_size:   # the header lied about the size
-                        raise UnsafePath(f"zip entry {info.filename!r} is larger than declared; refused")
-                    out.write(chunk)
+        _check_entries(infos)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        try:
+            for info in infos:
+                _extract_member(zf, info, staging)
+            _move_into(staging, dest)
+        except UnsafePath:
+            raise
+        except OSError as exc:
+            raise UnsafePath(f"could not extract the zip: {exc.strerror or exc.__class__.__name__}") from None
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib/lzma errors, ...
+            raise UnsafePath(f"the zip is damaged and cannot be extracted ({exc.__class__.__name__}); "
+                             "create it again") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     entries = [p for p in dest.iterdir() if not p.name.startswith((".", "__MACOSX"))]
     if len(entries) == 1 and entries[0].is_dir() and not (dest / "train").exists():
         return entries[0]
     return dest
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path) -> None:
+    target = root.joinpath(*PurePosixPath(info.filename.replace("\\", "/")).parts)
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(target, "wb") as out:
+        written = 0
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > info.file_size:   # the header lied about the size
+                raise UnsafePath(f"zip entry {info.filename!r} is larger than declared; refused")
+            out.write(chunk)
+
+
+def _move_into(staging: Path, dest: Path) -> None:
+    """Move every top-level entry of ``staging`` into ``dest`` (replacing what has the same name)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in staging.iterdir():
+        target = dest / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# uploads: read once, then deleted
+# ---------------------------------------------------------------------------------------------------
+
+
+class UploadTooLarge(ValueError):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the upload is {size} bytes; the limit is {limit}")
+        self.size, self.limit = size, limit
+
+
+class _RecentUploads:
+    """Bytes of uploads read in the last ``ttl_s`` seconds, by path (bounded in total size).
+
+    Uploads are deleted from disk as soon as they are read. Gradio names an upload after the hash of its
+    content, so two people sending the same file at the same moment (a sample image from the README, say)
+    get the same path, and whoever reads second would find it already deleted. They get the bytes from
+    here instead — the same content, by construction of the name.
+    """
+
+    def __init__(self, ttl_s: float = 120.0, max_bytes: int = 256 * 2**20):
+        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = (time.monotonic(), data)
+            self._trim()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            self._trim()
+            item = self._items.get(key)
+            return None if item is None else item[1]
+
+    def _trim(self) -> None:
+        now, total = time.monotonic(), sum(len(d) for _, d in self._items.values())
+        while self._items:
+            stamp, data = next(iter(self._items.values()))
+            if now - stamp <= self.ttl_s and total <= self.max_bytes:
+                break
+            self._items.popitem(last=False)
+            total -= len(data)
+
+
+_recent_uploads = _RecentUploads()
+
+
+def take_upload(path: str | os.PathLike, limit: int) -> bytes:
+    """Read an uploaded file into memory and delete it (whatever happens). Raises UploadTooLarge (not read)
+    or FileNotFoundError (gone, and not read by anyone in the last minutes)."""
+    p = Path(path)
+    key = str(p)
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise UploadTooLarge(size, limit)
+        data = p.read_bytes()
+        _recent_uploads.put(key, data)
+        return data
+    except FileNotFoundError:
+        data = _recent_uploads.get(key)
+        if data is None:
+            raise
+        return data
+    finally:
+        try:
+            p.unlink()
+        except OSError:
+            pass

@@ -83,6 +83,7 @@ class Services:
     _predictor: Any = None
     _jobs: Any = None
     _card_cache: dict = field(default_factory=dict)
+    _unpacked: dict = field(default_factory=dict)   # uploaded zip path -> where it was extracted
 
     @property
     def predictor(self):
@@ -163,21 +164,34 @@ def _progress_html(run) -> str:
 
 def _read_upload(path: str | None, limit: int) -> bytes:
     """Read an uploaded file into memory and delete it: uploads are not kept after the request."""
+    from .safety import UploadTooLarge, take_upload
+
     if not path:
         raise gr.Error("Upload an X-ray image first.")
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > limit:
-            raise gr.Error(f"The file is {size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB.")
-        return p.read_bytes()
+        # Also serves a second request for the same content (same path) that arrives just after the first.
+        return take_upload(path, limit)
+    except UploadTooLarge as exc:
+        raise gr.Error(f"The file is {exc.size / 2**20:.1f} MB; the limit is {limit / 2**20:.0f} MB.") from None
     except FileNotFoundError:
         raise gr.Error("The upload is no longer on the server; upload the file again.") from None
-    finally:
-        try:
-            p.unlink()
-        except OSError:
-            pass
+
+
+def _unique_image(img):
+    """Tag a result image with a unique EXIF ImageUniqueID (Gradio keeps it when encoding).
+
+    Gradio names a result file after the hash of its bytes and writes it in place (truncate, write), so two
+    requests returning the same picture at the same moment share one file, and one of them can be served
+    a half-written copy. A unique tag gives each response its own file.
+    """
+    import uuid
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0xA420] = uuid.uuid4().hex
+    img.info["exif"] = exif.tobytes()
+    return img
 
 
 def _empty_fig():
@@ -231,6 +245,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         return svc.predictor.predict(image, arch=arch, level=level, checkpoint=checkpoint)
 
     def predict(path: str | None, arch: str, level: str, checkpoint: str | None, session: dict | None = None):
+        from .checkpoints import CheckpointError
         from .predictor import NoCheckpointError
 
         if session and path and Path(path).name == session.get("name") and not Path(path).exists():
@@ -239,12 +254,13 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             image = session["image"]
         else:
             image = _read_upload(path, settings.max_upload)
-        ck = None if not checkpoint or checkpoint == BEST else str(settings.checkpoints / checkpoint)
+        # A file NAME in the checkpoint folder: "../x.pt" or "/abs/x.pt" must not reach other folders.
+        ck = None if not checkpoint or checkpoint == BEST else str(settings.checkpoints / Path(checkpoint).name)
         try:
             p = _predict_core(image, arch, level, ck)
         except ImageError as exc:
             raise gr.Error(str(exc)) from None
-        except NoCheckpointError as exc:
+        except (NoCheckpointError, CheckpointError) as exc:   # no model; a corrupt or unsafe checkpoint
             raise gr.Error(str(exc)) from None
         warning = ("> ⚠️ **This does not look like the chest X-rays this model was trained on** — "
                    + "; ".join(p.ood["reasons"]) + ". The prediction below is unreliable.") if p.ood.get("flagged") else ""
@@ -257,14 +273,14 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             f"**{DISCLAIMER}**",
         ])
         state = {"image": p.image, "cam": p.cam, "name": Path(path).name if path else session.get("name")}
-        return p.probs, p.overlay, info, state
+        return p.probs, _unique_image(p.overlay), info, state
 
     def reblend(alpha: float, state: dict | None):
         from .explain import overlay
 
         if not state or state.get("cam") is None:
             return None
-        return overlay(state["image"], state["cam"], alpha)
+        return _unique_image(overlay(state["image"], state["cam"], alpha))
 
     # ---------------- datasets ----------------
     def ensure_demo() -> Path:
@@ -278,20 +294,28 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         from .safety import UnsafePath, check_allowed, safe_extract_zip
 
         try:
+            if not settings.training:   # refused before any work: no demo set made, no folder read, no zip unpacked
+                raise gr.Error("Training is switched off on this server (COVID_CLS_TRAINING=0).")
             if source == SOURCES[0]:
                 return ensure_demo()
             if source == SOURCES[1]:
                 return check_allowed(folder, settings.roots())
             if not zip_path:
                 raise gr.Error("Upload a .zip with train/ validation/ test/ × infected/ normal/ folders.")
+            if not Path(zip_path).exists() and zip_path in svc._unpacked:
+                return svc._unpacked[zip_path]   # Scan, then Start: the browser sends the (deleted) upload again
             digest = hashlib.sha1(Path(zip_path).read_bytes()).hexdigest()[:16]
             dest = settings.uploads / digest
-            try:
-                return dest if (dest / "train").is_dir() else safe_extract_zip(zip_path, dest)
-            finally:
-                Path(zip_path).unlink(missing_ok=True)
+            root = dest if (dest / "train").is_dir() else safe_extract_zip(zip_path, dest)
+            svc._unpacked[zip_path] = root
+            return root
         except UnsafePath as exc:
             raise gr.Error(str(exc)) from None
+        except FileNotFoundError:
+            raise gr.Error("The uploaded .zip is no longer on the server; upload it again.") from None
+        finally:
+            if zip_path:   # uploads are not kept, whichever source was picked
+                Path(zip_path).unlink(missing_ok=True)
 
     def scan(source: str, folder: str, zip_path: str | None):
         from .data import DatasetError, scan_dataset
@@ -371,6 +395,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         yield from _stream(run, _train_outputs)
 
     def quick_demo():
+        if not settings.training:   # before making the demo data set
+            raise gr.Error("Training is switched off on this server (COVID_CLS_TRAINING=0).")
         root = ensure_demo()
         run = _start(_config(root, weights="auto", bs=0, sched="none", loss="ce", augment=True, seed=0,
                              **QUICK_DEMO))
@@ -469,7 +495,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
 
     # ---------------- compare ----------------
     def compare(path: str | None, session: dict | None = None):
-        from .checkpoints import best_checkpoint
+        from .checkpoints import CheckpointError, best_checkpoint
         from .models import ARCHS, LEVELS
 
         image = session["image"] if session and (not path or not Path(path).exists()) else _read_upload(
@@ -482,10 +508,11 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                     continue
                 try:
                     p = _predict_core(image, arch, level, str(ck))
-                except ImageError as exc:
+                except (ImageError, CheckpointError) as exc:
                     raise gr.Error(str(exc)) from None
                 pinf = p.probs.get("infected", 0.0)
-                gallery.append((p.overlay, f"{ARCHS[arch].title} · {level}: {p.label} (infected {pinf:.0%})"))
+                gallery.append((_unique_image(p.overlay),
+                                f"{ARCHS[arch].title} · {level}: {p.label} (infected {pinf:.0%})"))
                 rows.append([ARCHS[arch].title, level, p.label, pinf, p.card.get("weights_origin"),
                              round(p.latency_ms, 1)])
         if not rows:
@@ -602,6 +629,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             gr.Markdown("The 2020 notebook's whole experiment in one click: every architecture × level with shared "
                         "settings, one after another, reusing the decoded data. Uses the dataset chosen in the "
                         "Train tab.")
+            if not settings.training:
+                gr.Markdown("### Training is switched off on this server\nThis deployment sets "
+                            "`COVID_CLS_TRAINING=0`, so studies (which train six models) are off too. Run the app "
+                            "locally to run one: `python app.py`.")
             with gr.Row(visible=settings.training):
                 with gr.Column(scale=1):
                     s_archs = gr.CheckboxGroup(ARCH_CHOICES, value=["resnet18", "vgg16"], label="Architectures")
