@@ -293,15 +293,19 @@ def test_load_image(corpus_dir, name):
             _check_message(case, route, result)
 
 
-@pytest.mark.parametrize("name", [c.name for c in CORPUS if c.bomb])
-def test_bombs_are_refused_without_allocating_their_pixels(corpus_dir, name):
-    data = _path(corpus_dir, CASES[name]).read_bytes()
+def _traced_outcome(source):
+    """_load_outcome plus the peak of Python-tracked memory while it ran."""
     tracemalloc.start()
     try:
-        kind, msg = _load_outcome(data)
-        _, peak = tracemalloc.get_traced_memory()
+        kind, msg = _load_outcome(source)
+        return kind, msg, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("name", [c.name for c in CORPUS if c.bomb])
+def test_bombs_are_refused_without_allocating_their_pixels(corpus_dir, name):
+    kind, msg, peak = _traced_outcome(_path(corpus_dir, CASES[name]).read_bytes())
     assert kind == "rejected", name
     assert peak < 20 * 2**20, f"{name}: peak {peak / 2**20:.1f} MiB while refusing"
 
@@ -324,12 +328,7 @@ def test_over_the_upload_limit_is_refused_unread(tmp_path):
     with big.open("wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
         f.truncate(MAX_BYTES + 1)   # sparse
-    tracemalloc.start()
-    try:
-        kind, msg = _load_outcome(big)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    kind, msg, peak = _traced_outcome(big)
     assert kind == "rejected" and "50 mb" in msg.lower() and "limit" in msg, msg
     assert peak < 5 * 2**20
     kind, msg = _load_outcome(b"\x89PNG\r\n\x1a\n" + bytes(MAX_BYTES))
