@@ -307,7 +307,6 @@ def phase_covid(a) -> None:
 
 def phase_covid_features(a) -> None:
     """Level fc as `fit` runs it by default: backbone features once, then epochs of the head on them."""
-    import torch
     from covid_cls.engine import _Batches, backbone_features, train_one_epoch
     from covid_cls.models import get_head
 

@@ -82,7 +82,6 @@ class Services:
     settings: Settings
     _predictor: Any = None
     _jobs: Any = None
-    _card_cache: dict = field(default_factory=dict)
     _unpacked: dict = field(default_factory=dict)   # uploaded zip path -> where it was extracted
 
     @property
@@ -192,10 +191,6 @@ def _unique_image(img):
     exif[0xA420] = uuid.uuid4().hex
     img.info["exif"] = exif.tobytes()
     return img
-
-
-def _empty_fig():
-    return None
 
 
 # -------------------------------------------------------------------------------------------------
