@@ -91,7 +91,8 @@ def run_2020(arch: str, root: Path, device: str, epochs: int) -> dict:
             "peak_rss_mb": C.peak_rss_mb()}
 
 
-def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int, repeats: int) -> dict:
+def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int, repeats: int,
+              precision: str = "auto") -> dict:
     import torch
     from covid_cls import engine
     from covid_cls.config import TrainConfig, default_batch_size
@@ -99,8 +100,9 @@ def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int
 
     bs = batch_size or default_batch_size(device)
     cfg = TrainConfig(data_dir=str(root), arch=arch, level="fc", epochs=10, weights="none", device=device,
-                      batch_size=bs, out_dir=str(out_dir))
-    dev = torch.device(device)
+                      batch_size=bs, out_dir=str(out_dir), precision=precision)
+    rt = engine.Runtime.create(device, precision)
+    dev = rt.device
     info = scan_dataset(root)
 
     # cold decode of every split (memory cache cleared, a fresh cache folder), then kept in memory for fit
@@ -114,15 +116,13 @@ def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int
 
     from covid_cls.models import build_model
 
-    model = build_model(arch, "fc", weights="none").to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = rt.model(build_model(arch, "fc", weights="none"))
 
     def yardstick() -> float:
-        engine.backbone_features(model, arch, images[: min(n, 8)], cfg, dev, max(bs, 64))   # warm-up
+        engine.backbone_features(model, arch, images[: min(n, 8)], cfg, rt, max(bs, 64))   # warm-up
         C.sync(device)
         t = time.perf_counter()
-        engine.backbone_features(model, arch, images, cfg, dev, max(bs, 64))
+        engine.backbone_features(model, arch, images, cfg, rt, max(bs, 64))
         C.sync(device)
         return time.perf_counter() - t
 
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="ImageFolder root with train/ validation/ test/ (default: generate 1024^2 PNGs)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="covid_cls's precision (the 2020 way is always fp32)")
     ap.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
     ap.add_argument("--n-train", type=int, default=None,
                     help="generated train images (default 128 CPU / 1024 CUDA); validation and test get 1/4 each")
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         rows, results = [], {"data": desc, "device": C.device_name(device), "archs": {}}
         for arch in args.archs:
             print(f"  {arch}: covid_cls fit + yardstick ...", file=sys.stderr, flush=True)
-            cv = run_covid(arch, root, device, tmp / f"ckpt-{arch}", args.batch_size, args.repeats)
+            cv = run_covid(arch, root, device, tmp / f"ckpt-{arch}", args.batch_size, args.repeats, args.precision)
             print(f"  {arch}: the 2020 way, {epochs_2020} epoch(s) ...", file=sys.stderr, flush=True)
             old = run_2020(arch, root, device, epochs_2020)
             results["archs"][arch] = {"covid": cv, "2020": old}

@@ -64,12 +64,14 @@ def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, w
     pred.predict(image, arch=arch, level="fc", checkpoint=ckpt)         # loads, caches and warms the model
     loaded = pred._get(pred.resolve(arch, "fc", ckpt))
     card = loaded.card
-    plain, _ = load_model(ckpt, dev)                                     # no hooks: the forward-only floor
+    # every variant runs in the Predictor's runtime (fp32; channels_last where oneDNN/cuDNN run convs)
+    plain = pred.runtime.model(load_model(ckpt, dev)[0])                 # no hooks: the forward-only floor
     plain.eval()
-    default_model, _ = load_model(ckpt, dev)                             # for pytorch-grad-cam's default way
+    default_model = pred.runtime.model(load_model(ckpt, dev)[0])         # for pytorch-grad-cam's default way
     img = load_image(image)
-    x = eval_batch(torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None].to(dev),
-                   card.get("image_size", 224))
+    x = pred.runtime.input(eval_batch(
+        torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None].to(dev),
+        card.get("image_size", 224)))
     cam = loaded.explainer(x)[1]
 
     def forward():

@@ -6,7 +6,8 @@
       in_features (512 | 4096) -> 4300 -> ReLU -> Dropout -> 2, both Linear layers in the forward path;
       loss.item() and the running accuracy every step, as the notebook did.
   (b) compute only: covid_cls's model, random tensors already on the device, covid_cls's batch size and
-      precision (bf16 autocast + channels_last on CUDA, fp32 on the CPU): the limit for (c).
+      precision and memory format (`engine.Runtime`: bf16 autocast on CUDA and on CPUs with native bf16,
+      channels_last where cuDNN/oneDNN runs convolutions): the limit for (c).
   (c) covid_cls's own training path, the code `fit` runs for image batches: DecodedCache (uint8 256 px) on
       the device -> `engine._image_forward` (`data.train_batch`: the same augmentation as one affine warp per
       sample on the device) -> model, driven by `engine.train_one_epoch` over `engine._Batches`, at
@@ -194,17 +195,15 @@ def phase_2020_data(a) -> None:
 def phase_compute(a) -> None:
     import torch
     from covid_cls.config import TrainConfig
-    from covid_cls.engine import _autocast, make_optimizer, seed_everything
+    from covid_cls.engine import Runtime, make_optimizer, seed_everything
     from covid_cls.models import build_model
 
     seed_everything(0)
-    dev = torch.device(a.device)
+    rt = Runtime.create(a.device, a.precision)
+    dev = rt.device
     bs = a.batch_size
-    model = build_model(a.arch, a.level, weights="none").to(dev)
-    x = torch.randn(bs, 3, 224, 224, device=dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    model = rt.model(build_model(a.arch, a.level, weights="none"))
+    x = rt.input(torch.randn(bs, 3, 224, 224, device=dev))
     y = torch.randint(0, 2, (bs,), device=dev)
     cfg = TrainConfig(arch=a.arch, level=a.level, weights="none", batch_size=bs)
     opt = make_optimizer(cfg, model.parameters())
@@ -212,7 +211,7 @@ def phase_compute(a) -> None:
     model.train()
 
     def one():
-        with _autocast(dev):
+        with rt.autocast():
             loss = loss_fn(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,7 +231,7 @@ def phase_compute(a) -> None:
             one()
         return k * bs
 
-    serve(step, {"phase": "b", "batch_size": bs, "steps_per_call": k}, a.device)
+    serve(step, {"phase": "b", "batch_size": bs, "steps_per_call": k, "runtime": rt.describe()}, a.device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,31 +242,31 @@ def _covid_setup(a, feature_cache: bool):
     import torch
     from covid_cls.config import TrainConfig
     from covid_cls.data import DecodedCache, scan_dataset
-    from covid_cls.engine import _image_forward, make_loss, make_optimizer, seed_everything
+    from covid_cls.engine import Runtime, _image_forward, make_loss, make_optimizer, seed_everything
     from covid_cls.models import build_model
 
     seed_everything(0)
-    dev = torch.device(a.device)
     cfg = TrainConfig(data_dir=a.root, arch=a.arch, level=a.level, weights="none", batch_size=a.batch_size,
-                      feature_cache=feature_cache, device=a.device)
+                      feature_cache=feature_cache, device=a.device, precision=a.precision)
+    rt = Runtime.create(cfg.device, cfg.precision)
+    dev = rt.device
     info = scan_dataset(a.root, splits=("train",))
     decoded = DecodedCache(cfg.cache_size, workers=cfg.num_workers).get(info.splits["train"], info.root)
-    model = build_model(a.arch, a.level, weights="none").to(dev)
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = rt.model(build_model(a.arch, a.level, weights="none"))
     x_all, y_all = decoded.images.to(dev), decoded.labels.to(dev)
     gen = torch.Generator().manual_seed(0)
     opt = make_optimizer(cfg, model.parameters())
     loss_fn = make_loss(cfg, decoded.labels, dev)
-    return cfg, dev, model, x_all, y_all, gen, opt, loss_fn, _image_forward
+    return cfg, rt, model, x_all, y_all, gen, opt, loss_fn, _image_forward
 
 
 def phase_covid(a) -> None:
     import torch
     from covid_cls.engine import _Batches, train_one_epoch
 
-    cfg, dev, model, x_all, y_all, gen, opt, loss_fn, image_forward = _covid_setup(a, feature_cache=False)
-    forward = image_forward(model, cfg, dev, gen)
+    cfg, rt, model, x_all, y_all, gen, opt, loss_fn, image_forward = _covid_setup(a, feature_cache=False)
+    dev = rt.device
+    forward = image_forward(model, cfg, rt, gen)
     bs, n = a.batch_size, len(y_all)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(dev)
     pos = {"i": 0}
@@ -280,7 +279,7 @@ def phase_covid(a) -> None:
         return _Batches(x_all[sel], y_all[sel], bs)
 
     def call(b):
-        train_one_epoch(model, forward, b, opt, loss_fn, device=dev, generator=gen)
+        train_one_epoch(model, forward, b, opt, loss_fn, rt=rt, generator=gen)
         return len(b.y)
 
     for _ in range(a.warmup):
@@ -301,6 +300,7 @@ def phase_covid(a) -> None:
         return r, time.perf_counter() - t0
 
     serve(step, {"phase": "c", "batch_size": bs, "steps_per_call": steps, "images_in_set": n,
+                 "runtime": rt.describe(),
                  "path": "engine.train_one_epoch(model, engine._image_forward(model, cfg, ...), "
                          "engine._Batches(DecodedCache uint8 on the device))"}, a.device)
 
@@ -310,13 +310,13 @@ def phase_covid_features(a) -> None:
     from covid_cls.engine import _Batches, backbone_features, train_one_epoch
     from covid_cls.models import get_head
 
-    cfg, dev, model, x_all, y_all, gen, opt, loss_fn, _ = _covid_setup(a, feature_cache=True)
+    cfg, rt, model, x_all, y_all, gen, opt, loss_fn, _ = _covid_setup(a, feature_cache=True)
     bs, n = a.batch_size, len(y_all)
     head = get_head(model, a.arch)
     last = {}
 
     def features(x):
-        out = backbone_features(model, a.arch, x, cfg, dev, max(bs, 64))
+        out = backbone_features(model, a.arch, x, cfg, rt, max(bs, 64))
         return out[0] if isinstance(out, tuple) else out   # newer engine: (head input, pooled)
 
     def run(images, epochs):
@@ -327,7 +327,7 @@ def phase_covid_features(a) -> None:
         t1 = time.perf_counter()
         batches = _Batches(feats, y_all[: len(images)], bs)
         for _ in range(epochs):
-            train_one_epoch(model, lambda f, train: head(f), batches, opt, loss_fn, device=dev, generator=gen)
+            train_one_epoch(model, lambda f, train: head(f), batches, opt, loss_fn, rt=rt, generator=gen)
         C.sync(a.device)
         t2 = time.perf_counter()
         last.update(feature_pass_s=t1 - t0, head_epochs_s=t2 - t1)
@@ -407,6 +407,7 @@ class Child:
     def __init__(self, args, phase: str, arch: str, level: str, env: dict):
         self.phase, self.arch, self.level = phase, arch, level
         cmd = [sys.executable, __file__, "--_phase", phase, "--_root", str(args.root), "--device", args.device,
+               "--precision", args.precision,
                "--archs", arch, "--levels", level, "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--rounds", str(args.rounds),
                "--cache-repeats", str(args.cache_repeats)]
@@ -510,6 +511,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="ImageFolder root with train/ (default: generate 1024x1024 PNGs)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="covid_cls's (b) and (c); the 2020 loop is always fp32 (auto: engine.Runtime's choice)")
     ap.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
     ap.add_argument("--levels", nargs="+", default=["fc", "partial", "full"])
     ap.add_argument("--seconds", type=float, default=None, help="timed seconds per phase (default 20 CPU, 8 CUDA)")
@@ -570,8 +573,10 @@ def main(argv=None) -> int:
 def report(args, res: dict, data_desc: str) -> str:
     out = [C.header("train_throughput", args.device), f"data: {data_desc}",
            f"{args.seconds:g} s timed per phase, in {args.rounds} interleaved slices, after {args.warmup} warm-up "
-           f"step(s)/call(s); (a) batch 8; (b) and (c) batch {args.batch_size}", ""]
+           f"step(s)/call(s); (a) batch 8; (b) and (c) batch {args.batch_size}"]
     g = lambda d, k: (d or {}).get(k)  # noqa: E731
+    runtimes = sorted({g(r.get(p), "runtime") for r in res["rows"] for p in ("b", "c") if g(r.get(p), "runtime")})
+    out += [f"(a) runs fp32, contiguous (the 2020 way); (b) and (c) run as engine.Runtime: {', '.join(runtimes)}", ""]
 
     def spread(d):
         r = g(d, "slice_img_s") or []

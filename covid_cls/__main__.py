@@ -33,6 +33,8 @@ def _config_args(p: argparse.ArgumentParser, with_arch: bool = True) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--out", default="checkpoints", help="where checkpoints are written")
     p.add_argument("--workers", type=int, default=0, help="decode threads (0 = all cores)")
 
@@ -42,7 +44,8 @@ def _config(a: argparse.Namespace, **over):
 
     kw = dict(data_dir=a.data, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, optimizer=a.optimizer,
               schedule=a.schedule, loss=a.loss, weights=a.weights, image_size=a.image_size,
-              augment=not a.no_augment, seed=a.seed, device=a.device, out_dir=a.out, num_workers=a.workers)
+              augment=not a.no_augment, seed=a.seed, device=a.device, precision=a.precision, out_dir=a.out,
+              num_workers=a.workers)
     if hasattr(a, "arch"):
         kw.update(arch=a.arch, level=a.level)
     kw.update(over)

@@ -9,6 +9,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "onecycle")
 LOSSES = ("ce", "weighted_ce", "focal")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     feature_cache: bool = True       # level fc: train the head on cached backbone features
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"          # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     out_dir: str = "checkpoints"
     num_workers: int = 0             # decode threads; 0 = all cores
     hidden: int = 4300
@@ -52,7 +54,7 @@ class TrainConfig:
         get_spec(self.arch)
         check_level(self.level)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of: {', '.join(allowed)}")
         if self.epochs < 1:
@@ -78,4 +80,4 @@ def default_batch_size(device: str) -> int:
     return 64 if device.startswith("cuda") else 16
 
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEVICES", "default_batch_size"]
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEVICES", "PRECISIONS", "default_batch_size"]

@@ -15,13 +15,14 @@ Events (dicts with a ``type``):
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import os
 import random
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,9 +64,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast only on CUDA: on the CPU it is 20-50x slower than fp32 (measured, DESIGN.md).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU executes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16).
+
+    Only then does oneDNN run bf16 convolutions fast: on a 2-core AMD EPYC with avx512_bf16, bf16 autocast +
+    channels_last trains ResNet18 2.3x and VGG16 1.9x faster than fp32 (`bench/cpu_precision.py`). Without
+    these instructions bf16 is emulated and much slower than fp32 (DESIGN.md saw 20-50x), so it stays off.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run computes: the device, bf16 autocast or fp32, and the conv memory format.
+
+    Decided once per run (``Runtime.create``) and used by every function that runs the model, so the
+    training loop, evaluation, the feature pass and the benchmarks cannot disagree.
+    """
+
+    device: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def create(cls, device: str | torch.device = "auto", precision: str = "auto") -> "Runtime":
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        if precision == "auto":
+            bf16 = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16())
+        elif precision in ("bf16", "fp32"):
+            bf16 = precision == "bf16"
+        else:
+            raise ValueError(f"unknown precision {precision!r}; choose one of: auto, fp32, bf16")
+        # NHWC is oneDNN's and cuDNN's native conv layout (ResNet18 fp32 training on the CPU: 1.25x)
+        nhwc = dev.type == "cuda" or (dev.type == "cpu" and torch.backends.mkldnn.is_available())
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True    # fixed 224 px inputs: pick the fastest kernels once
+        return cls(dev, bf16, nhwc)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def model(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def describe(self) -> str:
+        return f"{self.device} · {'bf16 autocast' if self.bf16 else 'fp32'}" + (
+            " · channels_last" if self.channels_last else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,58 +189,66 @@ class _Batches:
 
 def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], torch.Tensor],
                     batches: _Batches, opt: torch.optim.Optimizer, loss_fn: Callable, *,
-                    device: torch.device, generator: torch.Generator, scheduler=None,
+                    rt: Runtime, generator: torch.Generator, scheduler=None,
                     epoch: int = 1, epochs: int = 1, emit: EventFn = lambda e: None,
                     stop=None, log_every: int = 10) -> dict[str, float]:
-    """Train for one pass over ``batches``; ``forward(x, train=True)`` maps a raw batch to logits."""
+    """Train for one pass over ``batches``; ``forward(x, train=True)`` maps a raw batch to logits.
+
+    Loss and accuracy are summed on the device and read back only every ``log_every`` steps (and at the
+    end): each read is a host-device synchronisation that would stall the GPU queue. A non-finite loss
+    is therefore caught at the next read, at most ``log_every`` steps late; the run stops either way.
+    """
     model.train()
     order = torch.randperm(len(batches.y), generator=generator).to(batches.y.device)
-    total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    total_loss = torch.zeros((), device=batches.y.device)
+    correct = torch.zeros((), dtype=torch.long, device=batches.y.device)
+    seen, t0 = 0, time.perf_counter()
     steps = len(batches)
     for step, (x, y) in enumerate(batches.iterate(order), start=1):
         if stop is not None and stop.is_set():
             raise TrainingStopped("stopped on request")
-        with _autocast(device):
+        with rt.autocast():
             logits = forward(x, True)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at epoch {epoch}, step {step}: training diverged. "
-                f"Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use optimizer 'adam'.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if scheduler is not None:
             scheduler.step()
         n = len(y)
-        total_loss += loss.item() * n
-        correct += int((logits.argmax(1) == y).sum())
+        total_loss += loss.detach() * n
+        correct += (logits.detach().argmax(1) == y).sum()
         seen += n
         if step % log_every == 0 or step == steps:
+            value = float(loss)
+            if not math.isfinite(value) or not math.isfinite(float(total_loss)):
+                raise TrainingError(
+                    f"the loss became {value} at epoch {epoch} (by step {step}): training diverged. "
+                    f"Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use optimizer 'adam'.")
             emit({"type": "step", "epoch": epoch, "epochs": epochs, "step": step, "steps": steps,
-                  "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                  "loss": value, "lr": opt.param_groups[0]["lr"],
                   "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+    return {"loss": float(total_loss) / max(seen, 1), "accuracy": int(correct) / max(seen, 1),
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 
 
 @torch.no_grad()
 def predict_logits(forward: Callable[[torch.Tensor, bool], torch.Tensor], batches: _Batches,
-                   device: torch.device, stop=None) -> torch.Tensor:
+                   rt: Runtime, stop=None) -> torch.Tensor:
     out = []
     for x, _ in batches.iterate():
         if stop is not None and stop.is_set():
             raise TrainingStopped("stopped on request")
-        with _autocast(device):
+        with rt.autocast():
             out.append(forward(x, False).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, len(CLASSES))
 
 
-def evaluate(model: nn.Module, forward, batches: _Batches, device: torch.device, *,
+def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *,
              temperature: float = 1.0, stop=None) -> tuple[dict[str, Any], torch.Tensor]:
     """Metrics of one split (positive class = infected) and the raw logits."""
     model.eval()
-    logits = predict_logits(forward, batches, device, stop)
+    logits = predict_logits(forward, batches, rt, stop)
     labels = batches.y.cpu()
     probs = torch.softmax(logits / temperature, dim=1).numpy()
     m = binary_metrics(probs, labels.numpy(), positive=CLASSES.index(POSITIVE))
@@ -195,25 +260,22 @@ def evaluate(model: nn.Module, forward, batches: _Batches, device: torch.device,
 # fit
 # ---------------------------------------------------------------------------------------------------
 
-def _image_forward(model: nn.Module, cfg: TrainConfig, device: torch.device, generator: torch.Generator):
+def _image_forward(model: nn.Module, cfg: TrainConfig, rt: Runtime, generator: torch.Generator):
     """Raw uint8 batch -> logits, with the train or eval preset."""
-    channels_last = device.type == "cuda"
 
     def forward(u8: torch.Tensor, train: bool) -> torch.Tensor:
         if train and cfg.augment:
             x = train_batch(u8, cfg.image_size, generator, rotation=cfg.rotation, scale=cfg.crop_scale)
         else:
             x = eval_batch(u8, cfg.image_size)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return model(x)
+        return model(rt.input(x))
 
     return forward
 
 
 @torch.no_grad()
 def backbone_features(model: nn.Module, arch: str, images: torch.Tensor, cfg: TrainConfig,
-                      device: torch.device, batch_size: int, stop=None, head_input: bool = True
+                      rt: Runtime, batch_size: int, stop=None, head_input: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One eval-preset pass over a decoded split: (head-input features, pooled target-layer features).
 
@@ -228,10 +290,8 @@ def backbone_features(model: nn.Module, arch: str, images: torch.Tensor, cfg: Tr
     for i in range(0, len(images), batch_size):
         if stop is not None and stop.is_set():
             raise TrainingStopped("stopped on request")
-        x = eval_batch(images[i:i + batch_size].to(device, non_blocking=True), cfg.image_size)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        x = rt.input(eval_batch(images[i:i + batch_size].to(rt.device, non_blocking=True), cfg.image_size))
+        with rt.autocast():
             if head_input:
                 f, p = pooled_features(model, arch, x, forward=lambda m, x: spec.features(m, x))
             else:
@@ -260,7 +320,8 @@ def fit(config: TrainConfig, on_event: EventFn | None = None, stop=None) -> Path
 
 
 def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
-    device = resolve_device(cfg.device)
+    rt = Runtime.create(cfg.device, cfg.precision)
+    device = rt.device
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     bs = cfg.batch_size or default_batch_size(device.type)
@@ -288,12 +349,10 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     for w in caught:
         emit({"type": "log", "message": str(w.message)})
     meta = model.covid_meta
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    rt.model(model)
     params = count_params(model)
     emit({"type": "log", "message": f"{ARCHS[cfg.arch].title} · {cfg.level}: {params['trainable']:,} of "
-          f"{params['total']:,} parameters trained; weights: {meta['weights_origin']}; device {device}"})
+          f"{params['total']:,} parameters trained; weights: {meta['weights_origin']}; {rt.describe()}"})
 
     # 4. data on the device (uint8: 65 KB per 256 px image), forward function per level
     on_dev = {k: (v.images.to(device), v.labels.to(device)) for k, v in decoded.items()}
@@ -302,7 +361,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         # Level fc: the backbone is frozen, so its output never changes: compute it once and train the
         # head on it (10 epochs then cost about one frozen forward pass). Augmentation is not applied
         # to cached features; set feature_cache=False to train the head on augmented images.
-        both = {k: backbone_features(model, cfg.arch, x, cfg, device, max(bs, 64), stop)
+        both = {k: backbone_features(model, cfg.arch, x, cfg, rt, max(bs, 64), stop)
                 for k, (x, _) in on_dev.items()}
         feats = {k: v[0] for k, v in both.items()}
         pooled = {k: v[1] for k, v in both.items()}   # frozen backbone: valid after training too
@@ -312,8 +371,12 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
             return head(f)
 
         batches = {k: _Batches(feats[k], on_dev[k][1], bs) for k in on_dev}
+        # The head alone is two small matmuls: bf16 autocast there only adds a cast of the weights per step
+        # (CPU, batch 16: ResNet18 head step 3.7 -> 8.2 ms, VGG16 40 -> 57 ms). The epochs run in fp32.
+        rt_epochs = replace(rt, bf16=False)
     else:
-        forward = _image_forward(model, cfg, device, gen)
+        rt_epochs = rt
+        forward = _image_forward(model, cfg, rt, gen)
         batches = {k: _Batches(x, y, bs) for k, (x, y) in on_dev.items()}
     eval_batches = {k: _Batches(b.x, b.y, max(bs, 64)) for k, b in batches.items()}
 
@@ -324,12 +387,15 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     # 5. epochs; keep the best by validation AUC (lower validation loss breaks ties)
     history: list[dict[str, Any]] = []
     best_key, best_state, best_epoch = None, None, 0
+    # Only trainable parameters and buffers change during training: the best-epoch snapshot copies those
+    # (VGG16 at level fc: 70 MB of head instead of the whole 550 MB state_dict per improving epoch).
+    changing = [k for k, p in model.named_parameters() if p.requires_grad] + [k for k, _ in model.named_buffers()]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, device=device, generator=gen,
+        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, rt=rt_epochs, generator=gen,
                              scheduler=sched, epoch=epoch, epochs=cfg.epochs, emit=emit, stop=stop,
                              log_every=cfg.log_every)
-        val, _ = evaluate(model, forward, eval_batches["validation"], device, stop=stop)
+        val, _ = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
         rec = {"epoch": epoch, "train": clean(tr), "val": clean({k: v for k, v in val.items() if k != "confusion"}),
                "seconds": time.perf_counter() - t0}
         history.append(rec)
@@ -338,22 +404,23 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         key = (auc, -val["loss"])
         if best_key is None or key > best_key:
             best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            state = model.state_dict()
+            best_state = {k: state[k].detach().to("cpu", copy=True) for k in changing}
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)   # the frozen rest never changed
 
     # 6. temperature on validation, then final metrics per split (with the temperature applied)
-    _, val_logits = evaluate(model, forward, eval_batches["validation"], device, stop=stop)
+    _, val_logits = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
     temperature = fit_temperature(val_logits, batches["validation"].y)
     metrics = {}
     for name in ("train", "validation", "test"):
-        m, logits = evaluate(model, forward, eval_batches[name], device, temperature=temperature, stop=stop)
+        m, logits = evaluate(model, forward, eval_batches[name], rt_epochs, temperature=temperature, stop=stop)
         m["roc"] = roc_points(batches[name].y.cpu().numpy() == CLASSES.index(POSITIVE),
                               torch.softmax(logits, 1)[:, CLASSES.index(POSITIVE)].numpy())
         metrics[name] = clean(m)
     # 6b. OOD statistics of the final model's pooled features (Lee et al. 2018; see ood.py)
     if not use_features:
-        pooled = {k: backbone_features(model, cfg.arch, on_dev[k][0], cfg, device, max(bs, 64), stop,
+        pooled = {k: backbone_features(model, cfg.arch, on_dev[k][0], cfg, rt, max(bs, 64), stop,
                                        head_input=False)[1] for k in ("train", "validation")}
     ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
                         on_dev["train"][1])
@@ -369,6 +436,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
         "weights_origin": meta["weights_origin"], "weights_note": meta["weights_note"],
         "config": cfg.to_dict(), "metrics": metrics, "temperature": temperature, "best_epoch": best_epoch,
         "history": history, "params": params, "device": str(device),
+        "precision": "bf16" if rt.bf16 else "fp32",
         "data": {"root": str(info.root), "fingerprint": fingerprint(
             [p for s in info.splits.values() for p in s.files]),
             "counts": info.counts(), "skipped": len(info.skipped) + sum(len(d.skipped) for d in decoded.values())},
@@ -387,23 +455,24 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
 
 
 def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
-                        device: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+                        device: str = "auto", batch_size: int = 64, precision: str = "fp32") -> dict[str, Any]:
     """Metrics of a saved model on one split of an ImageFolder dataset (temperature applied).
 
-    Also returns per-image ``files`` and ``probs`` (class probabilities, in ``classes`` order).
+    Also returns per-image ``files`` and ``probs`` (class probabilities, in ``classes`` order). fp32 by
+    default, like the Predictor, so that both give the same probability for the same image.
     """
     from .checkpoints import load_model
 
-    dev = resolve_device(device)
+    rt = Runtime.create(device, precision)
+    dev = rt.device
     model, ckpt = load_model(path, dev)
     info = scan_dataset(data_dir, splits=(split,))
     d = DecodedCache(ckpt.get("cache_size", 256)).get(info.splits[split], info.root)
     cfg = TrainConfig.from_dict({**ckpt["config"], "augment": False})
-    forward = _image_forward(model, cfg, dev, torch.Generator())
-    if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    forward = _image_forward(model, cfg, rt, torch.Generator())
+    rt.model(model)
     batches = _Batches(d.images.to(dev), d.labels.to(dev), batch_size)
-    m, logits = evaluate(model, forward, batches, dev, temperature=ckpt.get("temperature", 1.0))
+    m, logits = evaluate(model, forward, batches, rt, temperature=ckpt.get("temperature", 1.0))
     probs = torch.softmax(logits / ckpt.get("temperature", 1.0), dim=1)
     pos = ckpt["classes"].index(POSITIVE)
     subsets = {}

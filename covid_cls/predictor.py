@@ -16,7 +16,7 @@ from PIL import Image
 
 from .checkpoints import best_checkpoint, load_model
 from .data import eval_batch, to_square_u8
-from .engine import resolve_device
+from .engine import Runtime
 from .explain import CamExplainer, overlay, resize_cam
 from .imaging import load_image
 from .models import check_level, get_spec
@@ -63,7 +63,10 @@ class Predictor:
     def __init__(self, checkpoints_dir: str | os.PathLike = "checkpoints", device: str = "auto",
                  max_models: int = 3):
         self.checkpoints_dir = Path(checkpoints_dir)
-        self.device = resolve_device(device)
+        # fp32 for batch-1 Grad-CAM (bf16 was slower at batch 1 on CUDA, and the map keeps full precision);
+        # channels_last where oneDNN/cuDNN run convolutions: ResNet18 CAM 20.6 -> 16.3 ms on the CPU
+        self.runtime = Runtime.create(device, "fp32")
+        self.device = self.runtime.device
         self.max_models = max(1, max_models)
         self._cache: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
         self._lock = threading.Lock()
@@ -90,6 +93,7 @@ class Predictor:
                 self._cache.move_to_end(key)
                 return self._cache[key]
             model, card = load_model(path, self.device)
+            self.runtime.model(model)
             loaded = _Loaded(model, card, CamExplainer(model, card["arch"]), card.pop("ood_stats", None))
             self._warm_up(loaded)
             self._cache[key] = loaded
@@ -101,8 +105,7 @@ class Predictor:
 
     def _warm_up(self, loaded: _Loaded) -> None:
         s = loaded.card.get("image_size", 224)
-        x = torch.zeros(1, 3, s, s, device=self.device)
-        loaded.explainer(x)
+        loaded.explainer(self.runtime.input(torch.zeros(1, 3, s, s, device=self.device)))
 
     def loaded(self) -> list[str]:
         with self._lock:
@@ -130,7 +133,7 @@ class Predictor:
         card = loaded.card
         t0 = time.perf_counter()
         u8 = torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None]
-        x = eval_batch(u8.to(self.device), card.get("image_size", 224))
+        x = self.runtime.input(eval_batch(u8.to(self.device), card.get("image_size", 224)))
         logits, cam, pooled = loaded.explainer(x, return_pooled=True)
         temperature = float(card.get("temperature", 1.0))
         p = torch.softmax(logits[0] / temperature, dim=0).tolist()

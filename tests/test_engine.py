@@ -97,3 +97,53 @@ def test_every_optimizer_and_schedule(demo_data, tmp_path):
         path = fit(small_config(demo_data, tmp_path, epochs=1, optimizer=opt, schedule=sched))
         assert path.exists()
     assert len(list_checkpoints(tmp_path)) == 2
+
+
+def test_precision_is_decided_once_per_device(monkeypatch):
+    from covid_cls.engine import Runtime, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr("covid_cls.engine.cpu_has_native_bf16", lambda native=native: native)
+        assert Runtime.create(cpu, "auto").bf16 is native     # emulated bf16 is slower than fp32: off
+    assert Runtime.create(cpu, "fp32").bf16 is False and Runtime.create(cpu, "bf16").bf16 is True
+    with pytest.raises(ValueError, match="unknown precision"):
+        Runtime.create(cpu, "fp16")
+    rt = Runtime.create(cpu, "bf16")
+    conv = rt.model(torch.nn.Conv2d(3, 4, 3))
+    with rt.autocast():
+        assert conv(rt.input(torch.rand(2, 3, 8, 8))).dtype == torch.bfloat16
+    with Runtime.create(cpu, "fp32").autocast():
+        assert conv(torch.rand(2, 3, 8, 8)).dtype == torch.float32
+    assert isinstance(cpu_has_native_bf16.__wrapped__(), bool)   # reads /proc/cpuinfo where there is one
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_learn_and_the_card_says_which(demo_data, tmp_path, precision):
+    ckpt = load_checkpoint(fit(small_config(demo_data, tmp_path, level="partial", epochs=3, precision=precision)))
+    assert ckpt["precision"] == precision
+    assert ckpt["metrics"]["validation"]["auc"] >= 0.9
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())   # weights stay fp32
+
+
+def test_the_saved_model_is_the_best_epochs(demo_data, tmp_path, monkeypatch):
+    """Validation AUC is forced to peak at epoch 1: the saved weights must be epoch 1's, not the last."""
+    import covid_cls.engine as engine
+
+    real, calls, snap = engine.evaluate, [], {}
+    fake_auc = [0.9, 0.5, 0.4]
+
+    def evaluate(model, *a, **kw):
+        m, logits = real(model, *a, **kw)
+        if len(calls) < len(fake_auc):          # the per-epoch validation calls come first
+            if not calls:
+                snap.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            m = {**m, "auc": fake_auc[len(calls)]}
+            calls.append(1)
+        return m, logits
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    ckpt = load_checkpoint(fit(small_config(demo_data, tmp_path, level="partial", epochs=3, lr=3e-3)))
+    assert ckpt["best_epoch"] == 1
+    changed = [k for k in snap if not torch.equal(ckpt["state_dict"][k], snap[k])]
+    assert changed == [], changed
