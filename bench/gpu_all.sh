@@ -57,6 +57,8 @@ step train_throughput 200 "$PY" bench/train_throughput.py --data "$TMP/png" --n-
   ${TP_EXTRA:-}
 step fc_level 100 "$PY" bench/fc_level.py --data "$TMP/png" --device "$DEVICE" --epochs-2020 1 \
   --json "$OUT/fc_level.json" ${FC_EXTRA:-}
+step precision 60 "$PY" bench/precision.py --device "$DEVICE" --batch-size 64 --calls 5 \
+  --json "$OUT/precision.json"
 step infer_latency 120 "$PY" bench/infer_latency.py --device "$DEVICE" --calls "$CALLS" --app --app-calls 30 \
   --per-client 8 --json "$OUT/infer_latency.json" ${IL_EXTRA:-}
 

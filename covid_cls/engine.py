@@ -22,7 +22,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +69,7 @@ def cpu_has_native_bf16() -> bool:
     """True when the CPU executes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16).
 
     Only then does oneDNN run bf16 convolutions fast: on a 2-core AMD EPYC with avx512_bf16, bf16 autocast +
-    channels_last trains ResNet18 2.3x and VGG16 1.9x faster than fp32 (`bench/cpu_precision.py`). Without
+    channels_last trains ResNet18 2.3x and VGG16 1.9x faster than fp32 (`bench/precision.py`). Without
     these instructions bf16 is emulated and much slower than fp32 (DESIGN.md saw 20-50x), so it stays off.
     """
     try:
@@ -371,11 +371,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
             return head(f)
 
         batches = {k: _Batches(feats[k], on_dev[k][1], bs) for k in on_dev}
-        # The head alone is two small matmuls: bf16 autocast there only adds a cast of the weights per step
-        # (CPU, batch 16: ResNet18 head step 3.7 -> 8.2 ms, VGG16 40 -> 57 ms). The epochs run in fp32.
-        rt_epochs = replace(rt, bf16=False)
     else:
-        rt_epochs = rt
         forward = _image_forward(model, cfg, rt, gen)
         batches = {k: _Batches(x, y, bs) for k, (x, y) in on_dev.items()}
     eval_batches = {k: _Batches(b.x, b.y, max(bs, 64)) for k, b in batches.items()}
@@ -392,10 +388,10 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     changing = [k for k, p in model.named_parameters() if p.requires_grad] + [k for k, _ in model.named_buffers()]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, rt=rt_epochs, generator=gen,
+        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, rt=rt, generator=gen,
                              scheduler=sched, epoch=epoch, epochs=cfg.epochs, emit=emit, stop=stop,
                              log_every=cfg.log_every)
-        val, _ = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
+        val, _ = evaluate(model, forward, eval_batches["validation"], rt, stop=stop)
         rec = {"epoch": epoch, "train": clean(tr), "val": clean({k: v for k, v in val.items() if k != "confusion"}),
                "seconds": time.perf_counter() - t0}
         history.append(rec)
@@ -410,11 +406,11 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     model.load_state_dict(best_state, strict=False)   # the frozen rest never changed
 
     # 6. temperature on validation, then final metrics per split (with the temperature applied)
-    _, val_logits = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
+    _, val_logits = evaluate(model, forward, eval_batches["validation"], rt, stop=stop)
     temperature = fit_temperature(val_logits, batches["validation"].y)
     metrics = {}
     for name in ("train", "validation", "test"):
-        m, logits = evaluate(model, forward, eval_batches[name], rt_epochs, temperature=temperature, stop=stop)
+        m, logits = evaluate(model, forward, eval_batches[name], rt, temperature=temperature, stop=stop)
         m["roc"] = roc_points(batches[name].y.cpu().numpy() == CLASSES.index(POSITIVE),
                               torch.softmax(logits, 1)[:, CLASSES.index(POSITIVE)].numpy())
         metrics[name] = clean(m)

@@ -138,7 +138,8 @@ def _card_markdown(card: dict) -> str:
         f"**Data:** `{data.get('root', '?')}` ({count_txt})",
         f"**Validation:** {_metrics_line(metrics.get('validation'))}",
         f"**Test:** {_metrics_line(metrics.get('test'))}",
-        f"**Temperature:** {_fmt(card.get('temperature'), 2)} · best epoch {card.get('best_epoch', '?')}",
+        f"**Temperature:** {_fmt(card.get('temperature'), 2)} · best epoch {card.get('best_epoch', '?')}"
+        + (f" · trained on {card['device']}, {card.get('precision', 'fp32')}" if card.get("device") else ""),
     ])
 
 

@@ -16,10 +16,12 @@ def test_demo_train_evaluate_predict(tmp_path, capsys):
     assert main(["demo-data", str(data), "--n", "12", "--size", "64"]) == 0
     assert "SYNTHETIC" in (data / "README.md").read_text()
     assert main(["train", "--data", str(data), "--arch", "resnet18", "--level", "fc", "--epochs", "2",
-                 "--weights", "none", "--image-size", "64", "--out", str(ck), "--optimizer", "adam"]) == 0
+                 "--weights", "none", "--image-size", "64", "--out", str(ck), "--optimizer", "adam",
+                 "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "saved" in out and "sens" in out and "spec" in out and "not a diagnosis" in out
     [pt] = list(ck.glob("*.pt"))
+    assert json.loads(pt.with_suffix(".json").read_text())["precision"] == "fp32"
     assert main(["evaluate", "--checkpoint", str(pt), "--data", str(data), "--json", str(tmp_path / "r.json"),
                  "--plots", str(plots)]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
