@@ -327,7 +327,8 @@ def phase_covid_features(a) -> None:
         t1 = time.perf_counter()
         batches = _Batches(feats, y_all[: len(images)], bs)
         for _ in range(epochs):
-            train_one_epoch(model, lambda f, train: head(f), batches, opt, loss_fn, rt=rt, generator=gen)
+            train_one_epoch(model, lambda f, train: head(f), batches, opt, loss_fn, rt=rt.for_head_only(),
+                            generator=gen)
         C.sync(a.device)
         t2 = time.perf_counter()
         last.update(feature_pass_s=t1 - t0, head_epochs_s=t2 - t1)

@@ -22,7 +22,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +120,15 @@ class Runtime:
     def input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    def for_head_only(self) -> "Runtime":
+        """The runtime for epochs that train only the head on cached features (level fc): fp32.
+
+        The head alone is two matmuls on big weights, where bf16 autocast mostly adds a cast of the weights
+        per step. Measured in fit on cxr-real (CPU, bench/fc_level.py): VGG16 10 head epochs 31 s in fp32
+        vs 43 s in bf16; ResNet18 2.9 vs 1.9 s went the other way, but VGG16's head is the one that costs.
+        """
+        return replace(self, bf16=False)
+
     def describe(self) -> str:
         return f"{self.device} · {'bf16 autocast' if self.bf16 else 'fp32'}" + (
             " · channels_last" if self.channels_last else "")
@@ -195,13 +204,16 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
     """Train for one pass over ``batches``; ``forward(x, train=True)`` maps a raw batch to logits.
 
     Loss and accuracy are summed on the device and read back only every ``log_every`` steps (and at the
-    end): each read is a host-device synchronisation that would stall the GPU queue. A non-finite loss
-    is therefore caught at the next read, at most ``log_every`` steps late; the run stops either way.
+    end): each read is a host-device synchronisation that would stall the GPU queue. The first non-finite
+    loss (step and value) is also recorded on the device, so the error names the exact step even though it
+    is raised at the next read, at most ``log_every`` steps later.
     """
     model.train()
     order = torch.randperm(len(batches.y), generator=generator).to(batches.y.device)
     total_loss = torch.zeros((), device=batches.y.device)
     correct = torch.zeros((), dtype=torch.long, device=batches.y.device)
+    bad_step = torch.zeros((), dtype=torch.long, device=batches.y.device)   # 0 = every loss finite so far
+    bad_loss = torch.zeros((), device=batches.y.device)
     seen, t0 = 0, time.perf_counter()
     steps = len(batches)
     for step, (x, y) in enumerate(batches.iterate(order), start=1):
@@ -216,15 +228,20 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
         if scheduler is not None:
             scheduler.step()
         n = len(y)
-        total_loss += loss.detach() * n
+        value = loss.detach()
+        total_loss += value * n
         correct += (logits.detach().argmax(1) == y).sum()
+        first = (bad_step == 0) & ~torch.isfinite(value)
+        bad_step = torch.where(first, step, bad_step)
+        bad_loss = torch.where(first, value, bad_loss)
         seen += n
         if step % log_every == 0 or step == steps:
-            value = float(loss)
-            if not math.isfinite(value) or not math.isfinite(float(total_loss)):
+            if int(bad_step):
                 raise TrainingError(
-                    f"the loss became {value} at epoch {epoch} (by step {step}): training diverged. "
-                    f"Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use optimizer 'adam'.")
+                    f"the loss became {float(bad_loss)} at epoch {epoch}, step {int(bad_step)}: training "
+                    f"diverged. Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use "
+                    "optimizer 'adam'.")
+            value = float(value)
             emit({"type": "step", "epoch": epoch, "epochs": epochs, "step": step, "steps": steps,
                   "loss": value, "lr": opt.param_groups[0]["lr"],
                   "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)})
@@ -371,7 +388,9 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
             return head(f)
 
         batches = {k: _Batches(feats[k], on_dev[k][1], bs) for k in on_dev}
+        rt_epochs = rt.for_head_only()   # the feature pass above ran as rt (bf16 where native)
     else:
+        rt_epochs = rt
         forward = _image_forward(model, cfg, rt, gen)
         batches = {k: _Batches(x, y, bs) for k, (x, y) in on_dev.items()}
     eval_batches = {k: _Batches(b.x, b.y, max(bs, 64)) for k, b in batches.items()}
@@ -388,10 +407,10 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     changing = [k for k, p in model.named_parameters() if p.requires_grad] + [k for k, _ in model.named_buffers()]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, rt=rt, generator=gen,
+        tr = train_one_epoch(model, forward, batches["train"], opt, loss_fn, rt=rt_epochs, generator=gen,
                              scheduler=sched, epoch=epoch, epochs=cfg.epochs, emit=emit, stop=stop,
                              log_every=cfg.log_every)
-        val, _ = evaluate(model, forward, eval_batches["validation"], rt, stop=stop)
+        val, _ = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
         rec = {"epoch": epoch, "train": clean(tr), "val": clean({k: v for k, v in val.items() if k != "confusion"}),
                "seconds": time.perf_counter() - t0}
         history.append(rec)
@@ -406,11 +425,11 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float) -> Path:
     model.load_state_dict(best_state, strict=False)   # the frozen rest never changed
 
     # 6. temperature on validation, then final metrics per split (with the temperature applied)
-    _, val_logits = evaluate(model, forward, eval_batches["validation"], rt, stop=stop)
+    _, val_logits = evaluate(model, forward, eval_batches["validation"], rt_epochs, stop=stop)
     temperature = fit_temperature(val_logits, batches["validation"].y)
     metrics = {}
     for name in ("train", "validation", "test"):
-        m, logits = evaluate(model, forward, eval_batches[name], rt, temperature=temperature, stop=stop)
+        m, logits = evaluate(model, forward, eval_batches[name], rt_epochs, temperature=temperature, stop=stop)
         m["roc"] = roc_points(batches[name].y.cpu().numpy() == CLASSES.index(POSITIVE),
                               torch.softmax(logits, 1)[:, CLASSES.index(POSITIVE)].numpy())
         metrics[name] = clean(m)
