@@ -69,7 +69,7 @@ def cpu_has_native_bf16() -> bool:
     """True when the CPU executes bf16 dot products in hardware (AVX512-BF16 or AMX-BF16).
 
     Only then does oneDNN run bf16 convolutions fast: on a 2-core AMD EPYC with avx512_bf16, bf16 autocast +
-    channels_last trains ResNet18 2.3x and VGG16 1.9x faster than fp32 (`bench/precision.py`). Without
+    channels_last trains ResNet18 2.5x and VGG16 2.4x faster than fp32 (`bench/precision.py`). Without
     these instructions bf16 is emulated and much slower than fp32 (DESIGN.md saw 20-50x), so it stays off.
     """
     try:
