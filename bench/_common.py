@@ -16,9 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:        # `python bench/x.py` from anywhere, without installing covid_cls
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]   # covid_cls itself is imported as installed (pip install -e .)
 
 # Benchmarks never touch the network (ImageNet weights are not needed to measure speed).
 os.environ.setdefault("COVID_CLS_OFFLINE", "1")

@@ -14,14 +14,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from covid_cls.models import build_model, make_head  # noqa: E402
+from covid_cls.models import build_model, make_head
 
+import _common as C
 
 
 def measure(fn, n: int) -> list[float]:

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def run_2020(arch: str, root: Path, device: str, epochs: int) -> dict:
@@ -94,6 +93,7 @@ def run_2020(arch: str, root: Path, device: str, epochs: int) -> dict:
 def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int, repeats: int,
               precision: str = "auto") -> dict:
     import torch
+
     from covid_cls import engine
     from covid_cls.config import TrainConfig, default_batch_size
     from covid_cls.data import DecodedCache, scan_dataset
@@ -119,10 +119,10 @@ def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int
     model = rt.model(build_model(arch, "fc", weights="none"))
 
     def yardstick() -> float:
-        engine.backbone_features(model, arch, images[: min(n, 8)], cfg, rt, max(bs, 64))   # warm-up
+        engine.backbone_features(model, images[: min(n, 8)], cfg, rt, max(bs, 64))   # warm-up
         C.sync(device)
         t = time.perf_counter()
-        engine.backbone_features(model, arch, images, cfg, rt, max(bs, 64))
+        engine.backbone_features(model, images, cfg, rt, max(bs, 64))
         C.sync(device)
         return time.perf_counter() - t
 
@@ -146,7 +146,7 @@ def run_covid(arch: str, root: Path, device: str, out_dir: Path, batch_size: int
         epochs_s: list[float] = []
         try:
             t0 = time.perf_counter()
-            engine.fit(cfg, on_event=lambda e: e["type"] == "epoch" and epochs_s.append(e["seconds"]))
+            engine.fit(cfg, on_event=lambda e: e.type == "epoch" and epochs_s.append(e.seconds))
             C.sync(device)
             t_fit = time.perf_counter() - t0
         finally:

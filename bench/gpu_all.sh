@@ -33,6 +33,7 @@ if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
 fi
 "$PY" -c "import torch, os; print('torch', torch.__version__, '| cpu cores', os.cpu_count())"
+"$PY" -c "import covid_cls" 2>/dev/null || { echo "covid_cls is not installed in $PY: pip install -e ."; exit 1; }
 
 step() {  # step NAME TIMEOUT CMD...: run one benchmark, keep its output, never stop the others
   local name=$1 limit=$2; shift 2
@@ -43,9 +44,8 @@ step() {  # step NAME TIMEOUT CMD...: run one benchmark, keep its output, never 
 }
 
 echo "generating $N_TRAIN + $((N_TRAIN / 4)) + $((N_TRAIN / 4)) synthetic 1024x1024 PNGs ..."
-"$PY" - "$TMP/png" "$N_TRAIN" <<'EOF'
+PYTHONPATH=bench "$PY" - "$TMP/png" "$N_TRAIN" <<'EOF'
 import sys
-sys.path.insert(0, "bench")
 import _common as C
 n = int(sys.argv[2])
 C.make_png_dataset(sys.argv[1], {"train": n, "validation": n // 4, "test": n // 4}, size=1024)

@@ -3,10 +3,10 @@
 Library part (per architecture, interleaved call by call so background load hits every variant alike):
   forward          the floor: the model alone on the preprocessed (1,3,224,224) tensor, inference_mode,
                    a separate copy without Grad-CAM hooks
-  default cam      `covid_cls.explain.default_gradcam`: pytorch-grad-cam used the default way (a GradCAM
+  default cam      `covid_cls.explain.reference_cam`: pytorch-grad-cam used the default way (a GradCAM
                    object per call, every parameter trainable, so the backward runs into every weight)
-  model part       what Predictor runs on the tensor: its cached `CamExplainer` (forward + the short
-                   backward to the target layer + the map)
+  model part       what Predictor runs on the tensor: its cached `CamExplainer` (forward + the backward from the
+                   score to the target layer's output only + the map)
   predict e2e      `Predictor.predict(path)`: decode of the PNG, preprocessing, model part, softmax,
                    CAM resized to the image, overlay (and whatever else predict does, e.g. an OOD check)
   decode           `imaging.load_image(path)` alone        (part of predict e2e)
@@ -34,8 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 
 def train_tiny(archs, out: Path, work: Path, device: str) -> dict[str, Path]:
@@ -53,9 +52,10 @@ def train_tiny(archs, out: Path, work: Path, device: str) -> dict[str, Path]:
 def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, warmup: int) -> dict:
     import numpy as np
     import torch
+
     from covid_cls.checkpoints import load_model
     from covid_cls.data import eval_batch, to_square_u8
-    from covid_cls.explain import default_gradcam, overlay
+    from covid_cls.explain import overlay, reference_cam
     from covid_cls.imaging import load_image
     from covid_cls.predictor import Predictor
 
@@ -70,8 +70,8 @@ def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, w
     default_model = pred.runtime.model(load_model(ckpt, dev)[0])         # for pytorch-grad-cam's default way
     img = load_image(image)
     x = pred.runtime.input(eval_batch(
-        torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None].to(dev),
-        card.get("image_size", 224)))
+        torch.from_numpy(to_square_u8(img, card.cache_size))[None, None].to(dev),
+        card.image_size))
     cam = loaded.explainer(x)[1]
 
     def forward():
@@ -79,7 +79,7 @@ def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, w
             plain(x)
 
     def default_cam():
-        default_gradcam(default_model, arch, x)
+        reference_cam(default_model, x)
 
     def model_part():
         loaded.explainer(x)
@@ -91,8 +91,8 @@ def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, w
         load_image(image)
 
     def preprocess():
-        eval_batch(torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None].to(dev),
-                   card.get("image_size", 224))
+        eval_batch(torch.from_numpy(to_square_u8(img, card.cache_size))[None, None].to(dev),
+                   card.image_size)
 
     def make_overlay():
         overlay(img, cam, 0.45)
@@ -110,7 +110,7 @@ def library_bench(arch: str, ckpt: Path, image: Path, device: str, calls: int, w
                 times[name].append((time.perf_counter() - t0) * 1000)
     out = {k: {"median": C.median(v), "p95": C.pct(v, 95), "n": len(v)} for k, v in times.items()}
     # the fast map equals the default one (sanity check of what is being timed)
-    diff = float(np.abs(loaded.explainer(x)[1] - default_gradcam(default_model, arch, x)).max())
+    diff = float(np.abs(loaded.explainer(x)[1] - reference_cam(default_model, x)).max())
     return {"times": out, "cam_max_abs_diff": diff, "image_size": list(img.size)}
 
 
@@ -218,7 +218,7 @@ def app_bench(ckpt_dir: Path, work: Path, image: Path, calls: int, clients: int,
 
         dl = work / "downloads"
 
-        def client(**kw) -> "Client":
+        def client(**kw) -> Client:
             return Client(url, verbose=False, download_files=str(dl), **kw)
 
         def call(c, img=image) -> float:

@@ -11,15 +11,12 @@ and prints the flagged rate per set (targets: X-rays <= 5 % flagged, non-X-rays 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from covid_cls import Predictor, TrainConfig, fit, make_demo_dataset  # noqa: E402
-from covid_cls.synthetic import non_xray_images  # noqa: E402
+from covid_cls import Predictor, TrainConfig, fit, make_demo_dataset
+from covid_cls.synthetic import non_xray_images
 
 
 def rates(pred: Predictor, ck: Path, images) -> tuple[int, int, dict[str, int]]:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 VARIANTS = {"fp32": (False, False), "channels_last": (False, True), "bf16": (True, False), "bf16+cl": (True, True)}
 
@@ -39,9 +37,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from covid_cls.config import default_batch_size
     from covid_cls.engine import Runtime, cpu_has_native_bf16
-    from covid_cls.models import build_model, get_head
+    from covid_cls.models import build_model
 
     device = C.resolve_device(args.device)
     dev = torch.device(device)
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     head_rows = []
     for arch in args.archs:
         model = build_model(arch, "fc", weights="none").to(dev)
-        head = get_head(model, arch).train()
+        head = model.head.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         feats = torch.randn(1200, head[0].in_features, device=dev)
         labels = torch.randint(0, 2, (1200,), device=dev)

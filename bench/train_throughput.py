@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 RESULT = "@@RESULT "
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -194,6 +193,7 @@ def phase_2020_data(a) -> None:
 
 def phase_compute(a) -> None:
     import torch
+
     from covid_cls.config import TrainConfig
     from covid_cls.engine import Runtime, make_optimizer, seed_everything
     from covid_cls.models import build_model
@@ -240,6 +240,7 @@ def phase_compute(a) -> None:
 
 def _covid_setup(a, feature_cache: bool):
     import torch
+
     from covid_cls.config import TrainConfig
     from covid_cls.data import DecodedCache, scan_dataset
     from covid_cls.engine import Runtime, _image_forward, make_loss, make_optimizer, seed_everything
@@ -262,6 +263,7 @@ def _covid_setup(a, feature_cache: bool):
 
 def phase_covid(a) -> None:
     import torch
+
     from covid_cls.engine import _Batches, train_one_epoch
 
     cfg, rt, model, x_all, y_all, gen, opt, loss_fn, image_forward = _covid_setup(a, feature_cache=False)
@@ -308,15 +310,14 @@ def phase_covid(a) -> None:
 def phase_covid_features(a) -> None:
     """Level fc as `fit` runs it by default: backbone features once, then epochs of the head on them."""
     from covid_cls.engine import _Batches, backbone_features, train_one_epoch
-    from covid_cls.models import get_head
 
     cfg, rt, model, x_all, y_all, gen, opt, loss_fn, _ = _covid_setup(a, feature_cache=True)
     bs, n = a.batch_size, len(y_all)
-    head = get_head(model, a.arch)
+    head = model.head
     last = {}
 
     def features(x):
-        out = backbone_features(model, a.arch, x, cfg, rt, max(bs, 64))
+        out = backbone_features(model, x, cfg, rt, max(bs, 64))
         return out[0] if isinstance(out, tuple) else out   # newer engine: (head input, pooled)
 
     def run(images, epochs):
@@ -398,8 +399,8 @@ def phase_cache(a) -> None:
 # driver
 # ---------------------------------------------------------------------------------------------------
 
-PHASES = {"a": phase_2020, "a_data": phase_2020_data, "b": phase_compute, "c": phase_covid, "c_feat": phase_covid_features,
-          "cache": phase_cache}
+PHASES = {"a": phase_2020, "a_data": phase_2020_data, "b": phase_compute, "c": phase_covid,
+          "c_feat": phase_covid_features, "cache": phase_cache}
 
 
 class Child:
@@ -422,7 +423,7 @@ class Child:
         self.error: str | None = None
         self.info: dict = {}
 
-    def wait_ready(self) -> "Child":
+    def wait_ready(self) -> Child:
         self.info = self._read()
         return self
 

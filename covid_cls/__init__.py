@@ -11,18 +11,25 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # errors: one root, every library error derives from it
+    "CovidClsError": "errors", "ConfigError": "errors", "ImageError": "errors", "DatasetError": "errors",
+    "CheckpointError": "errors", "NoCheckpointError": "errors", "WeightsUnavailable": "errors",
+    "TrainingError": "errors", "TrainingStopped": "errors",
+    # models and their records
     "ARCHS": "models", "LEVELS": "models", "build_model": "models", "apply_level": "models",
-    "WeightsUnavailable": "models",
-    "load_image": "imaging", "ImageError": "imaging",
-    "TrainConfig": "config",
-    "fit": "engine", "evaluate_checkpoint": "engine", "TrainingError": "engine", "TrainingStopped": "engine",
-    "save_checkpoint": "checkpoints", "load_checkpoint": "checkpoints", "list_checkpoints": "checkpoints",
-    "best_checkpoint": "checkpoints", "delete_checkpoint": "checkpoints", "CheckpointError": "checkpoints",
-    "load_model": "checkpoints",
-    "scan_dataset": "data", "DatasetError": "data", "DecodedCache": "data", "CLASSES": "data",
-    "Predictor": "predictor", "Prediction": "predictor", "NoCheckpointError": "predictor",
-    "DISCLAIMER": "predictor",
+    "FineTuneNet": "models", "Card": "card", "TrainConfig": "config",
+    # images and data
+    "load_image": "imaging", "scan_dataset": "data", "DecodedCache": "data", "CLASSES": "data",
     "make_demo_dataset": "synthetic",
+    # training and evaluation
+    "fit": "engine", "evaluate_checkpoint": "engine", "Runtime": "runtime",
+    # checkpoints
+    "save_checkpoint": "checkpoints", "load_checkpoint": "checkpoints", "list_checkpoints": "checkpoints",
+    "best_checkpoint": "checkpoints", "delete_checkpoint": "checkpoints", "load_model": "checkpoints",
+    "Checkpoint": "checkpoints", "migrate_checkpoint": "checkpoints",
+    # prediction
+    "Predictor": "predictor", "Prediction": "predictor", "DISCLAIMER": "predictor", "UNCERTAIN": "predictor",
+    "CamExplainer": "explain",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,6 +1,7 @@
-"""Command line: python -m covid_cls train | evaluate | predict | study | demo-data.
+"""Command line: python -m covid_cls train | evaluate | compare | predict | study | migrate | demo-data.
 
-Every command calls the same library functions the app uses; progress is shown with tqdm.
+Every command calls the same library functions the app uses; progress is shown with tqdm. The training
+options are generated from ``TrainConfig``'s fields (help text, choices and defaults live there).
 """
 
 from __future__ import annotations
@@ -9,56 +10,75 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import Field, fields
 from pathlib import Path
+
+from . import events as ev
+from .config import TrainConfig, choices_of
+from .errors import CovidClsError
 
 DISCLAIMER = "Research demo — not a diagnosis."
 
 
-def _config_args(p: argparse.ArgumentParser, with_arch: bool = True) -> None:
-    from .config import LOSSES, OPTIMIZERS, SCHEDULES
-    from .models import LEVELS
-
-    p.add_argument("--data", required=True, help="dataset folder: train/ validation/ test/ x infected/ normal/")
-    if with_arch:
-        p.add_argument("--arch", default="resnet18", choices=["resnet18", "vgg16"])
-        p.add_argument("--level", default="fc", choices=LEVELS)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=0, help="0 = suit the device (64 CUDA, 16 CPU)")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    p.add_argument("--schedule", default="none", choices=SCHEDULES)
-    p.add_argument("--loss", default="ce", choices=LOSSES)
-    p.add_argument("--weights", default="auto", help="auto | imagenet | none | path to a torchvision state_dict")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--out", default="checkpoints", help="where checkpoints are written")
-    p.add_argument("--workers", type=int, default=0, help="decode threads (0 = all cores)")
+def option_flag(f: Field) -> str:
+    """The CLI flag of a TrainConfig option: ``--batch-size``, ``--no-augment`` (a default-on switch), or
+    the field's own ``flag`` (``--data``, ``--out``, ``--workers``)."""
+    name = f.name.replace("_", "-")
+    if f.default is True:
+        return f"--no-{name}"
+    return f.metadata.get("flag") or f"--{name}"
 
 
-def _config(a: argparse.Namespace, **over):
-    from .config import TrainConfig
+def add_option(p: argparse.ArgumentParser, f: Field, explicit_only: bool = False, **override) -> None:
+    """One flag for one TrainConfig field, from its metadata (help, choices, required) and default.
 
-    kw = dict(data_dir=a.data, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, optimizer=a.optimizer,
-              schedule=a.schedule, loss=a.loss, weights=a.weights, image_size=a.image_size,
-              augment=not a.no_augment, seed=a.seed, device=a.device, precision=a.precision, out_dir=a.out,
-              num_workers=a.workers)
-    if hasattr(a, "arch"):
-        kw.update(arch=a.arch, level=a.level)
-    kw.update(over)
-    return TrainConfig(**kw)
+    ``explicit_only``: a flag the user did not give leaves no attribute (so that a recipe's settings are
+    overridden only by what was typed)."""
+    meta, default, flag = f.metadata, f.default, option_flag(f)
+    kw: dict = {"dest": f.name, "help": meta["help"]}
+    if isinstance(default, bool):
+        kw.update(action="store_false" if default else "store_true",
+                  help=("switch off " if default else "switch on ") + meta["help"])
+    elif isinstance(default, tuple):
+        kw.update(nargs=len(default), type=type(default[0]), metavar=("MIN", "MAX"))
+    else:
+        choices = choices_of(f)
+        kw.update(type=type(default), choices=choices,
+                  metavar=None if choices else flag.lstrip("-").replace("-", "_").upper())
+    if meta.get("required"):
+        kw["required"] = True
+    else:
+        kw["default"] = argparse.SUPPRESS if explicit_only else default
+        if not isinstance(default, bool):
+            kw["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, tuple) else default})"
+    kw.update(override)
+    p.add_argument(flag, **kw)
+
+
+def add_config_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every TrainConfig option (except ``skip``); only the flags given end up in the namespace."""
+    for f in fields(TrainConfig):
+        if f.name not in skip:
+            add_option(p, f, explicit_only=True)
+
+
+def _config(a: argparse.Namespace) -> TrainConfig:
+    """The options given on the command line, on top of the chosen recipe (none: TrainConfig's defaults)."""
+    given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if hasattr(a, f.name)}
+    return TrainConfig.from_recipe(given.pop("recipe", "custom"), **given)
+
+
+def _field(name: str) -> Field:
+    return next(f for f in fields(TrainConfig) if f.name == name)
 
 
 class _Progress:
-    """Turns engine events into tqdm bars and log lines."""
+    """Turns engine events into tqdm bars (decode, step) and log lines (``events.describe``)."""
 
-    def __init__(self, prefix: str = ""):
+    def __init__(self):
         from tqdm import tqdm
 
-        self.tqdm, self.bar, self.prefix = tqdm, None, prefix
+        self.tqdm, self.bar = tqdm, None
 
     def _bar(self, total: int, desc: str):
         if self.bar is None or self.bar.desc != desc or self.bar.total != total:
@@ -71,85 +91,116 @@ class _Progress:
             self.bar.close()
             self.bar = None
 
-    def __call__(self, e: dict) -> None:
-        t = e["type"]
-        p = self.prefix + (f"[{e['run']}/{e['runs']} {e['name']}] " if "run" in e and t != "run" else "")
-        if t == "decode":
-            bar = self._bar(e["total"], f"{p}decoding {e['split']}")
-            bar.n = e["done"]
+    def __call__(self, e: ev.Event) -> None:
+        if isinstance(e, ev.Decode):
+            bar = self._bar(e.total, f"{e.prefix}decoding {e.split}")
+            bar.n = e.done
             bar.refresh()
-        elif t == "step":
-            bar = self._bar(e["steps"], f"{p}epoch {e['epoch']}/{e['epochs']}")
-            bar.n = e["step"]
-            bar.set_postfix(loss=f"{e['loss']:.4f}", img_s=f"{e['images_per_s']:.0f}", refresh=True)
-        elif t == "epoch":
-            self.close()
-            v = e["val"]
-            self.tqdm.write(f"{p}epoch {e['epoch']}/{e['epochs']}  train loss {e['train']['loss']:.4f} "
-                            f"acc {e['train']['accuracy']:.3f} | val loss {v.get('loss', float('nan')):.4f} "
-                            f"acc {v.get('accuracy') or 0:.3f} AUC {v.get('auc') or 0:.3f} "
-                            f"sens {v.get('sensitivity') or 0:.3f} spec {v.get('specificity') or 0:.3f} "
-                            f"({e['seconds']:.1f}s)")
-        elif t in ("log", "error", "stopped"):
-            self.close()
-            self.tqdm.write(f"{p}{e['message']}")
-        elif t == "run":
-            self.tqdm.write(f"=== run {e['run']}/{e['runs']}: {e['name']} ===")
-
-
-def _metrics_line(m: dict) -> str:
-    f = lambda k: "–" if m.get(k) is None else f"{m[k]:.3f}"  # noqa: E731
-    return (f"n={m['n']}  acc {f('accuracy')}  sens {f('sensitivity')}  spec {f('specificity')}  "
-            f"prec {f('precision')}  F1 {f('f1')}  AUC {f('auc')}  ECE {f('ece')}")
+        elif isinstance(e, ev.Step):
+            bar = self._bar(e.steps, f"{e.prefix}epoch {e.epoch}/{e.epochs}")
+            bar.n = e.step
+            bar.set_postfix(loss=f"{e.loss:.4f}", img_s=f"{e.images_per_s:.0f}", refresh=True)
+        else:
+            line = ev.describe(e)
+            if line:
+                self.close()
+                self.tqdm.write(line)
 
 
 def cmd_train(a) -> int:
+    from . import report as rp
+    from .checkpoints import read_card
     from .engine import fit
 
     prog = _Progress()
     path = fit(_config(a), on_event=prog)
     prog.close()
-    card = json.loads(Path(path).with_suffix(".json").read_text())
-    print(f"saved {path}  (best epoch {card['best_epoch']}, temperature {card['temperature']:.3f}, "
-          f"weights: {card['weights_note']})")
+    card = read_card(path)
+    weights = card.weights_note or card.weights_origin
+    print(f"checkpoint {path}  (temperature {card.temperature:.3f}, weights: {weights})")
+    print(f"  threshold  {rp.threshold_text(card.threshold, card.positive)}")
+    if card.calibration_note:
+        print(f"  calibration: {card.calibration_note}")
     for split in ("validation", "test"):
-        print(f"  {split:<10} {_metrics_line(card['metrics'][split])}")
+        print(f"  {split:<10} {rp.metrics_line(card.split_metrics(split))}")
     print(DISCLAIMER)
     return 0
 
 
 def cmd_evaluate(a) -> int:
+    from . import report as rp
     from .engine import evaluate_checkpoint
 
-    r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, device=a.device)
-    print(f"{Path(a.checkpoint).name} on {a.data} [{a.split}]  weights: {r['weights_origin']}")
-    print(f"  all        {_metrics_line(r)}")
+    r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, device=a.device, n_boot=a.boot)
+    print(f"{Path(a.checkpoint).name} on {a.data} [{_where(a.data, a.split)}]  weights: {r['weights_origin']}")
+    print(f"  threshold  {rp.threshold_text(r['threshold'])}; 95 % CIs: stratified bootstrap, {a.boot} resamples")
+    print(f"  all        {rp.metrics_line(r)}")
     for name, m in r["subsets"].items():
-        print(f"  subset: {name}\n             {_metrics_line(m)}")
+        print(f"  source: {name}\n             {rp.metrics_line(m)}")
+    sel = r["selective"]
+    print(f"  selective  {rp.selective_line(sel)}")
+    if rp.reasons_line(sel):
+        print(f"             flagged by: {rp.reasons_line(sel)}")
+    dup = r["duplicates"]
+    print(f"  near-duplicates of training images: {rp.duplicates_line(dup, r.get('n'))}")
+    for pair in dup.get("pairs", [])[:10]:
+        print(f"             {pair['file']} (training image #{pair['train_index']}, distance {pair['distance']})")
     if r["skipped"]:
         print(f"  skipped {len(r['skipped'])} unreadable file(s)")
     print(DISCLAIMER)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
     if a.plots:
-        import numpy as np
+        _evaluation_plots(r, a.split, Path(a.plots))
+    return 0
 
-        from . import plots
 
-        out = Path(a.plots)
-        out.mkdir(parents=True, exist_ok=True)
-        plots.save(plots.confusion(r["confusion"], f"confusion ({a.split})"), out / "confusion.png")
-        from .metrics import roc_curve
+def _where(data: str, split: str) -> str:
+    """The split evaluated, or "flat folder" when ``data`` has no folder for it (class folders directly)."""
+    from .data import SPLITS
 
-        pos = r["classes"].index("infected")
-        fpr, tpr, _ = roc_curve(np.array(r["labels"]) == pos, np.array(r["probs"])[:, pos])
-        plots.save(plots.roc({a.split: (fpr, tpr, r["auc"])}), out / "roc.png")
-        print(f"plots in {out}/ (confusion.png, roc.png)")
+    return split if any((Path(data) / name).is_dir() for name in SPLITS[split]) else "flat folder"
+
+
+def _evaluation_plots(r: dict, split: str, out: Path) -> None:
+    from . import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots.save(plots.confusion(r["confusion"], f"confusion ({split})"), out / "confusion.png")
+    plots.save(plots.roc({split: (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])}), out / "roc.png")
+    sel = r["selective"]
+    acc = sel.get("answered_accuracy")
+    rule = (1.0 - sel["flagged"], 1.0 - acc) if acc is not None else None
+    plots.save(plots.risk_coverage(sel["risk_coverage"], sel.get("aurc"), rule), out / "risk_coverage.png")
+    print(f"plots in {out}/ (confusion.png, roc.png, risk_coverage.png)")
+
+
+def cmd_compare(a) -> int:
+    from . import report as rp
+    from .evaluation import compare_checkpoints
+
+    try:
+        r = compare_checkpoints(a.a, a.b, a.data, split=a.split, device=a.device, n_boot=a.boot)
+    except ValueError as exc:   # different images or classes: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name_a, name_b = r["names"]
+    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} infected, {r['n_neg']} normal), "
+          "the same images for both")
+    for tag, name, key in (("A", name_a, "a"), ("B", name_b, "b")):
+        auc = {"auc": r[f"auc_{key}"], "ci": {"auc": r.get(f"auc_{key}_ci")}}
+        print(f"  {tag} {name}: AUC {rp.with_ci(auc, 'auc')}")
+    print(f"  difference A - B: {rp.signed(r['diff'])} AUC {rp.interval([r['ci_low'], r['ci_high']])} (DeLong), "
+          f"paired bootstrap {rp.interval([r['boot_ci_low'], r['boot_ci_high']])}; {rp.p_text(r['p_value'])}")
+    print(f"  verdict: {r['verdict']}")
+    print(DISCLAIMER)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2))
     return 0
 
 
 def cmd_predict(a) -> int:
-    from .imaging import ImageError
+    from .errors import ImageError
     from .predictor import Predictor
 
     pred = Predictor(a.checkpoints, device=a.device)
@@ -160,16 +211,18 @@ def cmd_predict(a) -> int:
     for img in a.images:
         try:
             p = pred.predict(img, arch=a.arch, level=a.level, checkpoint=a.checkpoint)
-        except ImageError as exc:
+        except ImageError as exc:   # one bad file: say so and go on with the others
             print(f"{img}: {exc}", file=sys.stderr)
             status = 1
             continue
         probs = "  ".join(f"{k} {v:.3f}" for k, v in p.probs.items())
-        origin = " (trained from scratch)" if p.card.get("weights_origin") == "scratch" else ""
+        if p.card.threshold is not None:   # the operating point, so that "normal" at P(infected) 0.53 makes sense
+            probs += f"; {p.card.positive} when P >= {p.card.threshold:.3f}"
+        origin = " (trained from scratch)" if p.card.from_scratch else ""
         print(f"{img}: {p.label}  ({probs})  [{Path(p.checkpoint).name}{origin}, {p.device}, {p.latency_ms:.0f} ms]")
-        if p.ood.get("flagged"):
-            print("  WARNING: this does not look like the chest X-rays this model was trained on: "
-                  + "; ".join(p.ood["reasons"]))
+        if p.abstain:   # the headline is "uncertain"; say why, one reason a line
+            for why in p.reasons:
+                print(f"    - {why}")
         if out:
             p.overlay.save(out / f"{Path(img).stem}_gradcam.png")
     print(DISCLAIMER)
@@ -180,12 +233,41 @@ def cmd_study(a) -> int:
     from .study import run_study, to_markdown, write_outputs
 
     prog = _Progress()
-    rows = run_study(_config(a, arch="resnet18", level="fc"), archs=a.archs, levels=a.levels, on_event=prog)
+    rows = run_study(_config(a), archs=a.archs, levels=a.levels, on_event=prog, external=a.external)
     prog.close()
     paths = write_outputs(rows, a.report)
     print(to_markdown(rows))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def cmd_migrate(a) -> int:
+    """Rewrite every format-1 ``.pt`` checkpoint found in the given folders/files as safetensors."""
+    from .checkpoints import LEGACY_SUFFIX, migrate_checkpoint
+
+    status, found = 0, []
+    for target in map(Path, a.paths):
+        if target.is_dir():
+            found += sorted(target.glob(f"*{LEGACY_SUFFIX}"))
+        elif target.is_file():
+            found.append(target)
+        else:
+            print(f"{target}: no such file or folder", file=sys.stderr)
+            status = 1
+    for path in found:
+        if path.suffix != LEGACY_SUFFIX:
+            print(f"{path}: already safetensors, nothing to do")
+            continue
+        try:
+            new = migrate_checkpoint(path)
+        except CovidClsError as exc:   # one bad file: say so and go on with the others
+            print(f"{path}: not migrated: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path} -> {new} (the .pt and its card were removed)")
+    if not found and status == 0:
+        print("no format-1 .pt checkpoints found in " + ", ".join(a.paths))
+    return status
 
 
 def cmd_demo_data(a) -> int:
@@ -196,41 +278,61 @@ def cmd_demo_data(a) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .models import LEVELS
+def build_parser() -> argparse.ArgumentParser:
+    from .data import SPLITS
+    from .models import ARCHS, LEVELS
 
     ap = argparse.ArgumentParser(prog="python -m covid_cls", description=f"Chest X-ray fine-tuning lab. {DISCLAIMER}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="fine-tune one model")
-    _config_args(p)
+    add_config_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a dataset split")
+    p = sub.add_parser("evaluate", help="metrics with 95 %% CIs of a checkpoint on a split or a flat folder")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--json", help="write all results (incl. per-image probabilities) here")
-    p.add_argument("--plots", help="folder for confusion.png and roc.png")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data", required=True, help="a split tree, or a flat folder with infected/ normal/ "
+                                                 "(e.g. X-rays from another hospital)")
+    p.add_argument("--split", default="test", choices=list(SPLITS), help="ignored for a flat folder")
+    p.add_argument("--json", help="write all results (incl. per-image probabilities, risk-coverage) here")
+    p.add_argument("--plots", help="folder for confusion.png, roc.png and risk_coverage.png")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the CIs (default: %(default)s)")
+    add_option(p, _field("device"), help="where to run (default: %(default)s)")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="two checkpoints on the same images: paired AUC difference and verdict")
+    p.add_argument("a", metavar="A", help="checkpoint A")
+    p.add_argument("b", metavar="B", help="checkpoint B")
+    p.add_argument("--data", required=True, help="a split tree or a flat labelled folder")
+    p.add_argument("--split", default="test", choices=list(SPLITS))
+    p.add_argument("--json", help="write the comparison here")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
+    add_option(p, _field("device"), help="where to run (default: %(default)s)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("predict", help="classify images and save Grad-CAM overlays")
     p.add_argument("images", nargs="+")
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "vgg16"])
-    p.add_argument("--level", default="fc", choices=LEVELS)
-    p.add_argument("--checkpoint", help="a specific .pt (default: the best for arch/level)")
+    for name in ("arch", "level"):
+        add_option(p, _field(name))
+    add_option(p, _field("device"), help="where to run (default: %(default)s)")
+    p.add_argument("--checkpoint", help="a specific checkpoint file (default: the best for arch/level)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder searched for the best checkpoint")
     p.add_argument("--overlay-dir", help="save <name>_gradcam.png overlays here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("study", help="train every arch x level with shared settings; table + plots")
-    _config_args(p, with_arch=False)
-    p.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
+    add_config_args(p, skip=("arch", "level"))
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
     p.add_argument("--report", default="study", help="folder for study.csv, study.md and plots")
+    p.add_argument("--external", help="also evaluate every model on this labelled folder (e.g. X-rays from "
+                                      "other hospitals; never trained on) and add its columns")
     p.set_defaults(fn=cmd_study)
+
+    p = sub.add_parser("migrate", help="rewrite format-1 .pt checkpoints as safetensors")
+    p.add_argument("paths", nargs="*", default=["checkpoints"], metavar="DIR_OR_FILE",
+                   help="folders (every *.pt in them) or files (default: checkpoints)")
+    p.set_defaults(fn=cmd_migrate)
 
     p = sub.add_parser("demo-data", help="write a SYNTHETIC demo dataset")
     p.add_argument("dir")
@@ -238,23 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo_data)
+    return ap
 
-    a = ap.parse_args(argv)
-    from .checkpoints import CheckpointError
-    from .data import DatasetError
-    from .engine import TrainingError, TrainingStopped
-    from .imaging import ImageError
-    from .models import WeightsUnavailable
-    from .predictor import NoCheckpointError
 
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="covid_cls.models")  # shown as log events
     try:
         return a.fn(a)
-    except (DatasetError, CheckpointError, TrainingError, ImageError, NoCheckpointError, WeightsUnavailable,
-            ValueError) as exc:
+    except CovidClsError as exc:   # every error the library raises on purpose carries a message for the user
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, TrainingStopped):
+    except KeyboardInterrupt:
         print("stopped; nothing was saved", file=sys.stderr)
         return 130
 

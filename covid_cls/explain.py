@@ -1,8 +1,13 @@
-"""Grad-CAM through pytorch-grad-cam, made cheap and thread-safe, plus the heatmap overlay.
+"""Grad-CAM (Selvaraju et al. 2017) for one model, thread-safe, plus the heatmap overlay.
 
-pytorch-grad-cam registers forward hooks on the target layer and keeps the last activations and
-gradients on the GradCAM object: that is shared mutable state, so each loaded model gets ONE GradCAM
-object used under ONE lock (two concurrent requests on the same model would otherwise mix their maps).
+Our own small implementation, shaped like torch-cam's ``_CAM`` (it owns its hook and removes it): a forward
+hook on the model's Grad-CAM layer swaps the layer's output for a detached copy that requires grad, and
+``torch.autograd.grad(score, activation)`` gives the gradient the map needs. So
+- no parameter needs ``requires_grad`` (it works on fully frozen backbones, e.g. a level-fc model), and
+- the backward runs only through the layers ABOVE the target (head, pooling, the rest of the block):
+  nothing below the target is traced, no weight gradient is computed, no throwaway forward pass.
+pytorch-grad-cam (the declared dependency) stays the reference the tests compare against
+(``reference_cam``), and provides the other methods (Grad-CAM++, EigenCAM, ...) where asked for.
 """
 
 from __future__ import annotations
@@ -11,105 +16,95 @@ import threading
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .models import get_spec, prepare_for_cam
+from .errors import CovidClsError
 
 
-def _gradcam_cls():
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    return GradCAM, ClassifierOutputTarget
-
-
-def _narrow_cam_grads(model: nn.Module, arch: str) -> None:
-    """Keep requires_grad on ONE parameter: the bias of the last parameterised module of ``cam_grad_from``.
-
-    Grad-CAM needs only d(score)/d(target output). That parameter keeps the target's output in the graph
-    (so pytorch-grad-cam's gradient hook fires), while no convolution weight or input gradient is
-    computed: the backward is then the head, the pooling and one bias sum. With the whole target block
-    trainable (``prepare_for_cam`` alone), ResNet18's backward also ran layer4.1's two 3x3 convolutions
-    (weight + input gradients: Grad-CAM cost 1.8x a forward pass on the CPU, now 1.3x). VGG16 keeps
-    features.28's bias, which changes little on the CPU (oneDNN computes a conv's weight and bias
-    gradients together). The map is the same. If the target output would then not require grad (a
-    layout where the last registered module is not on the output path), the block stays trainable.
-    """
-    root = model.get_submodule(get_spec(arch).cam_grad_from)
-    holders = [m for m in root.modules() if next(m.parameters(recurse=False), None) is not None]
-    if not holders:
-        return
-    keep = getattr(holders[-1], "bias", None)
-    if not isinstance(keep, nn.Parameter):
-        keep = next(holders[-1].parameters(recurse=False))
-    before = [p for p in root.parameters() if p.requires_grad]
-    root.requires_grad_(False)
-    keep.requires_grad_(True)
-    seen: list[bool] = []
-    handle = model.get_submodule(get_spec(arch).cam_target).register_forward_hook(
-        lambda m, i, o: seen.append(bool(o.requires_grad)))
-    try:
-        with torch.enable_grad():   # a 32 px dry run (eval mode: no running statistics change)
-            model(torch.zeros(1, 3, 32, 32, device=keep.device, dtype=keep.dtype))
-    finally:
-        handle.remove()
-    if not (seen and seen[-1]):
-        for p in before:
-            p.requires_grad_(True)
+def _normalise(cam: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max to [0, 1] (pytorch-grad-cam's ``scale_cam_image``: the same 1e-7 guard)."""
+    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+    return cam / (1e-7 + cam.amax(dim=(-2, -1), keepdim=True))
 
 
 class CamExplainer:
-    """Prediction + Grad-CAM for one model in one forward and one short backward.
+    """Logits + Grad-CAM for a ``FineTuneNet`` in one forward and one short backward.
 
-    ``fast=True`` (default) freezes every parameter except the target layer's own (see
-    ``models.prepare_for_cam``): the backward then stops at the target layer instead of running into
-    every weight of the network, and the map is the same.
+    One object per loaded model; calls are serialised by a lock because the hook's captured activation
+    is per call state (two concurrent requests on one model would otherwise mix their maps).
     """
 
-    def __init__(self, model: nn.Module, arch: str, fast: bool = True):
-        GradCAM, self._Target = _gradcam_cls()
-        if fast:
-            prepare_for_cam(model, arch)
-            _narrow_cam_grads(model, arch)
+    def __init__(self, model: nn.Module):
         self.model = model.eval()
-        self.arch = arch
-        self.target = model.get_submodule(get_spec(arch).cam_target)
-        self.cam = GradCAM(model=model, target_layers=[self.target])
+        self.layer = model.cam_layer
         self.lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, target_class: int | None = None, return_pooled: bool = False):
-        """x: (1,3,S,S) on the model's device -> (logits (1,C) on CPU, cam (S,S) float32 in [0,1]).
+        """x: (N,3,S,S) on the model's device -> (logits (N,C) on CPU, cams (S,S) float32 in [0,1]).
 
-        The map explains ``target_class``, by default the predicted class. With ``return_pooled`` also
-        the target layer's output averaged over space (1, C) — the OOD check's feature, for free.
+        For N == 1 the map is returned as (S,S) (the Predictor's case), else as (N,S,S). The maps explain
+        ``target_class``, by default each image's predicted class. With ``return_pooled`` also the
+        target layer's output averaged over space (N, C): the OOD check's feature, for free.
         """
-        with self.lock, torch.enable_grad():
-            targets = None if target_class is None else [self._Target(target_class)]
-            cam = self.cam(input_tensor=x, targets=targets)
-            logits = self.cam.outputs.detach().float().cpu()
-            pooled = self.cam.activations_and_grads.activations[0].float().mean(dim=(2, 3)).cpu()
-            # drop references to the graph (kept by retain_graph) and the stored tensors
-            self.cam.outputs = None
-            self.cam.activations_and_grads.activations.clear()
-            self.cam.activations_and_grads.gradients.clear()
-            self.model.zero_grad(set_to_none=True)
-        if return_pooled:
-            return logits, cam[0].astype(np.float32), pooled
-        return logits, cam[0].astype(np.float32)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise CovidClsError(f"Grad-CAM needs a (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+        captured: list[torch.Tensor] = []
 
-    def release(self) -> None:
-        self.cam.activations_and_grads.release()
+        def swap(_module, _inputs, out):
+            act = out.detach().requires_grad_(True)   # the graph starts here: nothing below is traced
+            captured.append(act)
+            return act
+
+        with self.lock:
+            handle = self.layer.register_forward_hook(swap)
+            try:
+                with torch.enable_grad():
+                    logits = self.model(x)
+                    act = captured[-1]
+                    cls = logits.argmax(1) if target_class is None else torch.full_like(
+                        logits[:, 0], target_class, dtype=torch.long)
+                    score = logits.gather(1, cls[:, None]).sum()   # maps are independent per image
+                    (grad,) = torch.autograd.grad(score, act)
+            finally:
+                handle.remove()
+        with torch.no_grad():
+            act = act.detach().float()
+            weights = grad.float().mean(dim=(2, 3), keepdim=True)       # alpha_k: pooled gradients
+            cam = _normalise(F.relu((weights * act).sum(dim=1)))        # (N, h, w)
+            cam = F.interpolate(cam[:, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+            cam = _normalise(cam[:, 0].clamp_min(0)).cpu().numpy().astype(np.float32)
+            pooled = act.mean(dim=(2, 3)).cpu()
+        out_cam = cam[0] if len(cam) == 1 else cam
+        logits = logits.detach().float().cpu()
+        return (logits, out_cam, pooled) if return_pooled else (logits, out_cam)
 
 
-def default_gradcam(model: nn.Module, arch: str, x: torch.Tensor, target_class: int | None = None) -> np.ndarray:
-    """pytorch-grad-cam used the default way (all parameters trainable); the reference for tests/bench."""
-    GradCAM, Target = _gradcam_cls()
+REFERENCE_METHODS = ("gradcam", "gradcam++", "eigencam", "layercam")
+
+
+def reference_cam(model: nn.Module, x: torch.Tensor, target_class: int | None = None,
+                  method: str = "gradcam") -> np.ndarray:
+    """A map from pytorch-grad-cam, used the library's default way (every parameter trainable during
+    the call): the reference for tests and benchmarks, and the other methods for comparison."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classes = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "eigencam": pgc.EigenCAM,
+               "layercam": pgc.LayerCAM}
+    if method not in classes:
+        raise CovidClsError(f"unknown CAM method {method!r}; choose one of: {', '.join(classes)}")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(True)
-    layer = model.get_submodule(get_spec(arch).cam_target)
-    with GradCAM(model=model, target_layers=[layer]) as cam:
-        targets = None if target_class is None else [Target(target_class)]
-        return cam(input_tensor=x, targets=targets)[0].astype(np.float32)
+    try:
+        with classes[method](model=model, target_layers=[model.cam_layer]) as cam:
+            targets = None if target_class is None else [ClassifierOutputTarget(target_class)]
+            return cam(input_tensor=x, targets=targets)[0].astype(np.float32)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
+        model.zero_grad(set_to_none=True)
 
 
 def resize_cam(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -152,8 +147,3 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.45, max_side: 
     table = np.clip((1 - alpha) * levels + alpha * _jet_lut().astype(np.float32)[None], 0, 255).astype(np.uint8)
     key = (np.asarray(img, dtype=np.uint16) << 8) | heat_idx
     return Image.fromarray(np.take(table.reshape(256 * 256, 3), key, axis=0))
-
-
-def cam_peak(cam: np.ndarray) -> tuple[int, int]:
-    """(row, col) of the map's maximum."""
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))

@@ -1,173 +1,45 @@
 """Training runs for the UI: one worker PROCESS per run, an event stream, cancel, persistent history.
 
 Why a process and not a thread: a crash, an out-of-memory kill or a stuck CUDA kernel in training must
-never take the web server down, and a stop must be able to end the run for sure. The worker calls the
-same ``fit`` / ``run_study`` as the CLI and sends their events through a pipe; a
-thread in the server drains it into the run's state, which is saved (atomically) to ``runs/<id>.json``
-so history survives a restart. One run at a time: a second start is refused with a clear message.
+never take the web server down, and a stop must be able to end the run for sure. The worker
+(``jobs_worker._worker``) calls the same ``fit`` / ``run_study`` as the CLI and sends their typed events
+(``events.py``) through a pipe; a thread in the server drains it into the run's state, which is saved
+(atomically) to ``runs/<id>.json`` so history survives a restart. One run at a time: a second start is
+refused with a clear message.
 
-Nothing the worker does — or how it dies — may wedge the server:
-
-* events travel through a one-way pipe as length-prefixed pickles that the server reads with ``select``
-  and non-blocking reads, so a worker killed half-way through writing an event (SIGKILL, OOM) leaves a
-  partial frame that is simply discarded. (A ``multiprocessing.Queue`` reader would block forever in
-  ``recv`` on such a frame, because the server holds a write end of the queue's pipe itself.)
-* the stop request is one byte of shared memory without a lock: ``multiprocessing.Event`` guards its
-  flag with a lock shared by both processes, and a worker killed while inside ``is_set()`` would leave
-  it held, so the next Stop would block the server forever.
-* when a worker ends without reporting a result, its temporary files (``.<name>.<pid>.*.tmp``, see
-  ``checkpoints.atomic_write``) and a checkpoint whose card was never written are removed: a killed run
-  leaves either a complete, listed checkpoint or nothing.
+How the pipe and the stop flag stay safe against a worker killed at any point is explained in
+``jobs_worker``. When a worker ends without reporting a result, its temporary files
+(``.<name>.<pid>.*.tmp``, see ``fsio.atomic_write``) and a checkpoint whose card was never written are
+removed: a killed run leaves either a complete, listed checkpoint or nothing.
 """
 
 from __future__ import annotations
 
+import copy
+import errno
 import json
+import math
 import multiprocessing as mp
 import os
-import pickle
-import select
+import re
 import signal
-import struct
 import threading
 import time
-import traceback
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write
+from . import events as ev
+from .errors import JobBusy
+from .fsio import atomic_write, disk_full_message
+
+# The process/IPC half lives in jobs_worker; ``_worker`` is looked up here at each start (tests replace it).
+from .jobs_worker import _EventReader, _EventSender, _StopFlag, _worker  # noqa: F401 - _EventSender re-exported
 
 TERMINAL = ("done", "failed", "stopped", "interrupted")
-
-
-class JobBusy(RuntimeError):
-    """A run is already in progress."""
-
-
-_FRAME = struct.Struct("!I")   # length prefix of one pickled event
-
-
-class _StopFlag:
-    """Stop request shared with the worker: one byte of shared memory, set by the server, read by the worker.
-
-    No lock is involved (see the module docstring), so ``set()`` can never block on a dead worker.
-    Offers the ``is_set()`` / ``set()`` interface of ``threading.Event`` that ``fit`` expects.
-    """
-
-    def __init__(self, ctx):
-        self._flag = ctx.RawValue("b", 0)
-
-    def set(self) -> None:
-        self._flag.value = 1
-
-    def is_set(self) -> bool:
-        return bool(self._flag.value)
-
-
-class _EventSender:
-    """Worker end of the event stream: ``put(event)`` writes one length-prefixed pickle to the pipe."""
-
-    def __init__(self, conn):
-        self._conn = conn            # keeps the descriptor open
-        self._fd = conn.fileno()
-        self._lock = threading.Lock()   # decode progress may be reported from several threads
-
-    def put(self, event: dict) -> None:
-        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
-        buf = memoryview(_FRAME.pack(len(data)) + data)
-        with self._lock:
-            while buf:
-                buf = buf[os.write(self._fd, buf):]
-
-
-class _EventReader:
-    """Server end of the event stream. ``read(timeout)`` never blocks longer than ``timeout``, whatever the
-    worker left in the pipe; a partial frame at the end of the stream is discarded."""
-
-    def __init__(self, conn):
-        self._conn = conn
-        self._fd = conn.fileno()
-        os.set_blocking(self._fd, False)
-        self._buf = bytearray()
-        self.eof = False
-
-    @property
-    def partial(self) -> bool:
-        return bool(self._buf)
-
-    def read(self, timeout: float) -> list[dict]:
-        if not self.eof:
-            try:
-                ready, _, _ = select.select([self._fd], [], [], timeout)
-                chunk = os.read(self._fd, 1 << 16) if ready else None
-            except BlockingIOError:
-                chunk = None
-            except (OSError, ValueError):   # closed or broken: the stream is over
-                chunk = b""
-            if chunk == b"":
-                self.eof = True
-            elif chunk:
-                self._buf += chunk
-        events = []
-        while len(self._buf) >= _FRAME.size:
-            (n,) = _FRAME.unpack_from(self._buf)
-            if len(self._buf) < _FRAME.size + n:
-                break
-            payload = bytes(self._buf[_FRAME.size:_FRAME.size + n])
-            del self._buf[:_FRAME.size + n]
-            try:
-                event = pickle.loads(payload)   # our own worker's bytes
-            except Exception:  # noqa: BLE001 - a garbled frame is skipped, never fatal
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-        return events
-
-    def close(self) -> None:
-        try:
-            self._conn.close()
-        except OSError:
-            pass
-
-
-def _worker(kind: str, cfg: dict, extra: dict, conn, stop) -> None:
-    """Entry point of the worker process (spawned: nothing inherited from the server but arguments)."""
-    import warnings
-
-    warnings.simplefilter("ignore")  # warnings reach the UI as log events instead
-    events = _EventSender(conn)
-    try:
-        from .config import TrainConfig
-
-        config = TrainConfig.from_dict(cfg)
-        if extra.get("make_demo"):
-            from .synthetic import make_demo_dataset
-
-            if not (Path(config.data_dir) / "train").is_dir():
-                events.put({"type": "log", "message": "making the synthetic demo dataset (first use)"})
-                make_demo_dataset(config.data_dir, **extra["make_demo"])
-        if kind == "study":
-            from .study import run_study, write_outputs
-
-            rows = run_study(config, archs=extra.get("archs", ("resnet18", "vgg16")),
-                             levels=extra.get("levels", ("fc", "partial", "full")), on_event=events.put, stop=stop)
-            paths = write_outputs(rows, extra["report_dir"])
-            events.put({"type": "study_done", "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows],
-                        "histories": {f"{r['arch']}·{r['level']}": r["history"] for r in rows},
-                        "files": {k: str(v) for k, v in paths.items()}})
-        else:
-            from .engine import fit
-
-            fit(config, on_event=events.put, stop=stop)
-    except BaseException as exc:  # noqa: BLE001 - everything must reach the UI, nothing may hang
-        from .engine import TrainingStopped
-
-        if isinstance(exc, TrainingStopped):
-            return  # fit already sent a "stopped" event
-        events.put({"type": "error", "message": f"{exc.__class__.__name__}: {exc}",
-                    "traceback": traceback.format_exc(limit=8)})
+WEIGHT_SUFFIXES = (".safetensors", ".pt")   # a checkpoint's weights; its card is NAME.json beside them
 
 
 @dataclass
@@ -188,9 +60,67 @@ class Run:
     metrics: dict[str, Any] | None = None
     study: dict[str, Any] = field(default_factory=dict)
     version: int = 0   # bumped on every change, so pollers know when to redraw
+    # Held by the watcher thread while it folds an event in, and by ``snapshot``: a reader (the live curves)
+    # never sees a list half-way through an update, nor history and steps of different moments.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def snapshot(self) -> Run:
+        """A copy of this run at one moment (lists and dicts copied), safe to read while the watcher appends."""
+        with self._lock:
+            d = copy.deepcopy(self.to_dict())
+        return Run(**d)
+
+    @classmethod
+    def from_saved(cls, d: Any, file_id: str) -> Run:
+        """A run from its history file; ValueError naming the first field that is missing or of a wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"not a JSON object ({type(d).__name__})")
+        kw = {k: v for k, v in d.items() if k in _SAVED_FIELDS}
+        for name, (types, required) in _SAVED_FIELDS.items():
+            if name not in kw:
+                if required:
+                    raise ValueError(f"'{name}' is missing")
+                continue
+            v = kw[name]
+            if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
+                raise ValueError(f"'{name}' has the wrong type ({type(v).__name__})")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"'{name}' is not a finite number")
+        if kw["id"] != file_id or not _RUN_ID.fullmatch(kw["id"]):
+            raise ValueError("its 'id' does not match the file name")
+        if kw["kind"] not in ("train", "study") or kw["status"] not in (*TERMINAL, "starting", "running"):
+            raise ValueError("unknown 'kind' or 'status'")
+        if not all(isinstance(h, dict) for h in kw.get("history", [])):
+            raise ValueError("'history' holds something other than epoch records")
+        steps = kw.get("steps", [])
+        if not all(isinstance(st, (list, tuple)) and len(st) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in st) for st in steps):
+            raise ValueError("'steps' holds something other than (epoch, loss) pairs")
+        kw["steps"] = [(float(a), float(b)) for a, b in steps]
+        kw["log"] = [line for line in kw.get("log", []) if isinstance(line, str)]
+        if kw.get("metrics") is not None:   # per split: a dict of numbers, or left out
+            kw["metrics"] = {k: v for k, v in kw["metrics"].items() if isinstance(v, dict)}
+        study = kw.get("study", {})
+        for name, types in (("runs", list), ("rows", list), ("histories", dict), ("files", dict), ("current", str)):
+            if name in study and not isinstance(study[name], types):
+                raise ValueError(f"'study.{name}' has the wrong type ({type(study[name]).__name__})")
+        return cls(**kw)
+
+
+_NUM = (int, float)
+# field -> (accepted types, required) of a saved run; anything else in the file is ignored
+_SAVED_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), True), "kind": ((str,), True), "config": ((dict,), True), "status": ((str,), True),
+    "message": ((str,), False), "created": (_NUM, False), "finished": ((*_NUM, type(None)), False),
+    "history": ((list,), False), "steps": ((list,), False), "log": ((list,), False), "progress": (_NUM, False),
+    "eta_s": ((*_NUM, type(None)), False), "checkpoint": ((str, type(None)), False),
+    "metrics": ((dict, type(None)), False), "study": ((dict,), False), "version": ((int,), False),
+}
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class JobManager:
@@ -212,12 +142,22 @@ class JobManager:
         self._load_history()
 
     # ---------------------------------------------------------------------------------------------
+    #: History files larger than this are not read (a run's file is a few hundred KB at most).
+    max_history_file = 16 * 2**20
+
     def _load_history(self) -> None:
+        """Every readable ``run-*.json``; a damaged one (torn, ``null``, wrong types, too big) is skipped with a
+        warning and never stops the manager from starting (issue 11 #5)."""
+        self.skipped_history: list[tuple[str, str]] = []
         for p in sorted(self.runs_dir.glob("run-*.json")):
             try:
-                d = json.loads(p.read_text())
-                run = Run(**{k: v for k, v in d.items() if k in Run.__dataclass_fields__})
-            except (OSError, ValueError, TypeError):
+                if p.stat().st_size > self.max_history_file:
+                    raise ValueError(f"larger than {self.max_history_file // 2**20} MB")
+                run = Run.from_saved(json.loads(p.read_text()), p.name[len("run-"):-len(".json")])
+            except (OSError, ValueError, TypeError, RecursionError) as exc:
+                why = f"{exc.__class__.__name__}: {str(exc)[:200]}" if isinstance(exc, OSError) else str(exc)[:200]
+                self.skipped_history.append((p.name, why))
+                warnings.warn(f"skipping the damaged run history file {p.name}: {why}", RuntimeWarning, stacklevel=2)
                 continue
             if run.status not in TERMINAL:   # the server stopped while it ran
                 run.status, run.message = "interrupted", "the server stopped while this run was in progress"
@@ -225,11 +165,20 @@ class JobManager:
             self._runs[run.id] = run
 
     def _save(self, run: Run) -> None:
-        data = json.dumps(run.to_dict(), default=str).encode()
         try:
+            with run._lock:   # the watcher may be folding an event in: serialise one consistent state
+                data = json.dumps(run.to_dict(), default=str).encode()
             atomic_write(self.runs_dir / f"run-{run.id}.json", lambda f: f.write(data))
-        except OSError:
-            pass  # history is a convenience; a full disk must not break the run itself
+        except OSError as exc:
+            # History is a convenience; a full disk must not break the run itself, but the run's log says so.
+            msg = "WARNING: " + disk_full_message(exc, "the run history", self.runs_dir)
+            with run._lock:
+                new = msg not in run.log[-3:]
+                if new:
+                    run.log.append(msg)
+                    run.version += 1
+            if new and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
     # ---------------------------------------------------------------------------------------------
     def active(self) -> Run | None:
@@ -246,7 +195,7 @@ class JobManager:
         return self._runs.get(run_id)
 
     def history(self) -> list[Run]:
-        return sorted(self._runs.values(), key=lambda r: r.created, reverse=True)
+        return sorted(list(self._runs.values()), key=lambda r: r.created, reverse=True)
 
     def start(self, config: dict[str, Any], kind: str = "train", extra: dict | None = None) -> Run:
         with self._lock:
@@ -291,8 +240,9 @@ class JobManager:
             run, proc, _, stop = self._active
             self._stop_requested.add(run.id)
         stop.set()   # never blocks (no lock shared with the worker)
-        run.message = "stopping…"
-        run.version += 1
+        with run._lock:
+            run.message = "stopping…"
+            run.version += 1
 
         def reaper():
             proc.join(grace_s)
@@ -328,11 +278,11 @@ class JobManager:
                 done.set()
 
     def _follow(self, run: Run, proc, events: _EventReader) -> None:
-        t_start, epochs_total = time.time(), max(1, int(run.config.get("epochs", 1) or 1))
+        t_start = time.time()
         dead_since = None
         while not events.eof:
             for e in events.read(0.25):
-                self._apply_safely(run, e, t_start, epochs_total)
+                self._apply_safely(run, e, t_start)
             if proc.is_alive():
                 continue
             dead_since = dead_since or time.monotonic()
@@ -342,25 +292,26 @@ class JobManager:
         if proc.is_alive():   # the stream broke but the process lives on: never leave a second run behind
             proc.kill()
             proc.join(5)
-        if run.status not in TERMINAL:
-            if run.id in self._stop_requested:
-                run.status, run.message = "stopped", "stopped on request (the process was ended); nothing was saved"
-            else:
-                run.status = "failed"
-                run.message = (f"the training process ended unexpectedly: {_exit_reason(proc.exitcode)}; "
-                               "nothing was saved")
-            run.log.append(("" if run.status == "stopped" else "ERROR: ") + run.message)
+        with run._lock:
+            if run.status not in TERMINAL:
+                if run.id in self._stop_requested:
+                    run.status = "stopped"
+                    run.message = "stopped on request (the process was ended); nothing was saved"
+                else:
+                    run.status = "failed"
+                    run.message = (f"the training process ended unexpectedly: {_exit_reason(proc.exitcode)}; "
+                                   "nothing was saved")
+                run.log.append(("" if run.status == "stopped" else "ERROR: ") + run.message)
         if run.status != "done":
             self._remove_partial_files(run, proc.pid)
-        run.finished = time.time()
-        run.version += 1
+        with run._lock:
+            run.finished = time.time()
+            run.version += 1
         self._save(run)
 
     def _remove_partial_files(self, run: Run, pid: int | None) -> None:
         """After a run that saved nothing: delete the temporary files its worker left (a SIGKILL skips every
         ``finally``) and any checkpoint written during the run whose card never followed."""
-        from .checkpoints import card_path
-
         out = Path(run.config.get("out_dir") or "checkpoints")
         cache = Path(os.environ.get("COVID_CLS_CACHE", Path.home() / ".cache" / "covid_cls"))
         if pid is not None:
@@ -371,69 +322,65 @@ class JobManager:
                 except OSError:
                     pass
         try:
-            for pt in out.glob("*.pt"):
-                if not card_path(pt).exists() and pt.stat().st_mtime >= run.created - 1.0:
-                    pt.unlink(missing_ok=True)
+            for weights in [p for suffix in WEIGHT_SUFFIXES for p in out.glob(f"*{suffix}")]:
+                if not weights.with_suffix(".json").exists() and weights.stat().st_mtime >= run.created - 1.0:
+                    weights.unlink(missing_ok=True)
         except OSError:
             pass
 
-    def _apply_safely(self, run: Run, e: dict, t_start: float, epochs_total: int) -> None:
-        try:
-            self._apply(run, e, t_start, epochs_total)
-        except Exception as exc:  # noqa: BLE001 - a malformed event must not end the watcher
-            run.log.append(f"(ignored a malformed {e.get('type', '?')!s} event: {exc.__class__.__name__})")
+    def _apply_safely(self, run: Run, e: ev.Event, t_start: float) -> None:
+        with run._lock:   # readers take a snapshot under the same lock (Run.snapshot)
+            try:
+                self._apply(run, e)
+            except Exception as exc:  # noqa: BLE001 - a malformed event must not end the watcher
+                run.log.append(f"(ignored a malformed {e.type} event: {exc.__class__.__name__})")
+                run.version += 1
+                return
+            if 0 < run.progress < 1:
+                elapsed = time.time() - t_start
+                run.eta_s = elapsed * (1 - run.progress) / run.progress
+            elif run.progress >= 1:
+                run.eta_s = 0.0
+            del run.log[:-200]
+            del run.steps[:-2000]
             run.version += 1
-            return
-        if e.get("type") in ("epoch", "done", "error", "stopped", "study_done"):
+        if isinstance(e, (ev.Epoch, ev.Done, ev.Error, ev.Stopped, ev.StudyDone)):
             self._save(run)
 
-    def _apply(self, run: Run, e: dict, t_start: float, epochs_total: int) -> None:
-        t = e.get("type")
-        runs = e.get("runs", 1)
-        offset = (e.get("run", 1) - 1) / runs if "run" in e else 0.0
-        if t == "step":
-            frac = (e["epoch"] - 1 + e["step"] / e["steps"]) / e["epochs"]
-            run.steps.append((e["epoch"] - 1 + e["step"] / e["steps"], float(e["loss"])))
-            run.progress = offset + frac / runs
-        elif t == "epoch":
-            run.history.append({k: e[k] for k in ("epoch", "train", "val", "seconds")})
-            run.progress = offset + (e["epoch"] / e["epochs"]) / runs
-            v = e["val"]
-            run.log.append(f"{e.get('name', '') + ' ' if 'name' in e else ''}epoch {e['epoch']}/{e['epochs']}: "
-                           f"train loss {e['train']['loss']:.4f}, val loss {v.get('loss') or float('nan'):.4f}, "
-                           f"val acc {v.get('accuracy') or 0:.3f}, val AUC {v.get('auc') or 0:.3f} "
-                           f"({e['seconds']:.1f}s)")
-        elif t == "run":
+    @staticmethod
+    def _apply(run: Run, e: ev.Event) -> None:
+        """Fold one event into the run's state; the log line is ``events.describe``'s."""
+        # inside a Study, the share of the whole done before this run started, and this run's share
+        offset, share = ((e.run - 1) / e.runs, 1 / e.runs) if e.runs else (0.0, 1.0)
+        line = ev.describe(e)
+        if isinstance(e, ev.Step):
+            run.steps.append((e.progress, float(e.loss)))
+            run.progress = offset + share * e.progress / e.epochs
+        elif isinstance(e, ev.Epoch):
+            run.history.append(e.record())
+            run.progress = offset + share * e.epoch / e.epochs
+        elif isinstance(e, ev.RunStart):
             run.history, run.steps = [], []
-            run.study.setdefault("runs", []).append(e["name"])
-            run.study["current"] = f"{e['run']}/{e['runs']}: {e['name']}"
-            run.log.append(f"=== run {e['run']}/{e['runs']}: {e['name']} ===")
-        elif t == "decode":
-            run.message = f"decoding {e['split']}: {e['done']}/{e['total']}"
-        elif t == "log":
-            run.log.append(e["message"])
-        elif t == "done":
-            run.checkpoint, run.metrics = e["checkpoint"], e["metrics"]
-            run.study.setdefault("histories", {})[e.get("name", "run")] = list(run.history)
-            run.log.append(f"saved {Path(e['checkpoint']).name}")
+            run.study.setdefault("runs", []).append(e.name)
+            run.study["current"] = f"{e.run}/{e.runs}: {e.name}"
+        elif isinstance(e, ev.Decode):
+            run.message = f"decoding {e.split}: {e.done}/{e.total}"
+        elif isinstance(e, ev.Done):
+            run.checkpoint, run.metrics = e.checkpoint, e.metrics
+            run.study.setdefault("histories", {})[e.name or "run"] = list(run.history)
             if run.kind == "train":
                 run.status, run.progress, run.message = "done", 1.0, "finished"
-        elif t == "study_done":
-            run.study.update(rows=e["rows"], histories=e["histories"], files=e["files"])
+        elif isinstance(e, ev.StudyDone):
+            run.study.update(rows=e.rows, histories=e.histories, files=e.files)
             run.status, run.progress, run.message = "done", 1.0, "study finished"
-        elif t == "stopped":
-            run.status, run.message = "stopped", "stopped on request; nothing was saved"
-        elif t == "error":
-            run.status, run.message = "failed", e["message"]
-            run.log.append("ERROR: " + e["message"])
-        if 0 < run.progress < 1:
-            elapsed = time.time() - t_start
-            run.eta_s = elapsed * (1 - run.progress) / run.progress
-        elif run.progress >= 1:
-            run.eta_s = 0.0
-        run.log = run.log[-200:]
-        run.steps = run.steps[-2000:]
-        run.version += 1
+        elif isinstance(e, ev.Stopped):
+            run.status, run.message = "stopped", e.message
+        elif isinstance(e, ev.Error):
+            if run.status == "failed" and run.message == e.message:
+                line = None   # fit reported it, then the worker again on the way out
+            run.status, run.message = "failed", e.message
+        if line:
+            run.log.append(line)
 
 
 def _exit_reason(code: int | None) -> str:

@@ -7,6 +7,9 @@ Accuracy alone hides what matters clinically: sensitivity (infected cases found)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from statistics import NormalDist
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,16 +84,10 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray, positive: int = 0) -> 
     fn = int((is_pos & ~pred_pos).sum())
     fp = int((~is_pos & pred_pos).sum())
     tn = int((~is_pos & ~pred_pos).sum())
-    sens, spec, prec = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp), _safe_div(tp, tp + fp)
-    f1 = _safe_div(2 * prec * sens, prec + sens) if not (math.isnan(prec) or math.isnan(sens)) else float("nan")
     n = len(labels)
     return {
         "n": n,
-        "accuracy": _safe_div(tp + tn, n),
-        "sensitivity": sens,
-        "specificity": spec,
-        "precision": prec,
-        "f1": f1,
+        **_rates(tp, fn, fp, tn),  # accuracy, sensitivity, specificity, precision, f1
         "auc": roc_auc(is_pos, probs[:, positive]) if n else float("nan"),
         "ece": expected_calibration_error(probs, labels) if n else float("nan"),
         # rows = true class (positive first), columns = predicted
@@ -116,6 +113,434 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iters: int = 100
     opt.step(closure)
     t = float(log_t.detach().exp().clamp(0.05, 20.0))
     return t if math.isfinite(t) else 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operating point: metrics at a decision threshold, and choosing that threshold on validation.
+#
+# Convention for everything below: ``y_true`` is truthy for the POSITIVE class (infected) — pass
+# ``labels == positive`` when you hold class indices — and ``score`` is P(positive). An image is called
+# positive when ``score >= threshold`` (so threshold 0.5 reproduces ``binary_metrics``' argmax, whose
+# ties go to class index 0 = infected).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rates(tp: float, fn: float, fp: float, tn: float) -> dict:
+    """Accuracy, sensitivity, specificity, precision, F1 from confusion counts (NaN where undefined)."""
+    sens, spec, prec = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp), _safe_div(tp, tp + fp)
+    f1 = _safe_div(2 * prec * sens, prec + sens) if not (math.isnan(prec) or math.isnan(sens)) else float("nan")
+    return {"accuracy": _safe_div(tp + tn, tp + fn + fp + tn), "sensitivity": sens, "specificity": spec,
+            "precision": prec, "f1": f1}
+
+
+def binary_metrics_at(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict:
+    """Metrics when an image is called positive iff ``score >= threshold`` (``binary_metrics`` fixes 0.5).
+
+    Why: a model can rank well (high AUC) and still call every image positive at 0.5 (issue 10, VGG16 · fc);
+    the threshold chosen on validation (:func:`choose_threshold`) is what the product applies, so the
+    reported numbers must be at that threshold. Keys as ``binary_metrics`` minus ECE, plus ``threshold``.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    pred = s >= threshold
+    tp, fn = int((y & pred).sum()), int((y & ~pred).sum())
+    fp, tn = int((~y & pred).sum()), int((~y & ~pred).sum())
+    out = {"n": int(len(y)), "threshold": float(threshold), **_rates(tp, fn, fp, tn)}
+    out["auc"] = roc_auc(y, s) if len(y) else float("nan")
+    out["confusion"] = [[tp, fn], [fp, tn]]  # rows = true (positive first), columns = predicted
+    return out
+
+
+def choose_threshold(y_true: np.ndarray, score: np.ndarray, method: str = "youden", target: float = 0.9) -> float:
+    """A decision threshold on P(positive), chosen on validation data; a probability in [0, 1].
+
+    ``method="youden"``: maximise Youden's J = sensitivity + specificity - 1 (Youden 1950), the point of the
+    ROC curve farthest above the diagonal; it weighs both error kinds equally whatever the class balance.
+    ``method="sensitivity"``: the highest threshold whose sensitivity reaches ``target`` (a screening
+    operating point: "find 90 % of infected cases, then be as specific as possible").
+
+    Every threshold in the open-closed interval between two consecutive distinct validation scores gives the
+    same validation result; we return that interval's midpoint, so the operating point does not sit exactly
+    on one validation image. For Youden ties we take the optimal interval nearest 0.5 and return 0.5 itself
+    when it lies inside (no needless move away from the usual default). A single-class or empty validation
+    set cannot tell anything: 0.5.
+    """
+    if method not in ("youden", "sensitivity"):
+        raise ValueError(f"method must be 'youden' or 'sensitivity', not {method!r}")
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target sensitivity must be in [0, 1], not {target}")
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    u = np.unique(s)  # ascending; cut k (0..len(u)) calls positive every score >= u[k] (k = len(u): none)
+    pos_at = np.bincount(np.searchsorted(u, s[y]), minlength=len(u))
+    neg_at = np.bincount(np.searchsorted(u, s[~y]), minlength=len(u))
+    tp = np.concatenate([np.cumsum(pos_at[::-1])[::-1], [0]])
+    fp = np.concatenate([np.cumsum(neg_at[::-1])[::-1], [0]])
+    sens, spec = tp / n_pos, 1.0 - fp / n_neg
+    lo = np.clip(np.concatenate([[0.0], u]), 0.0, 1.0)  # cut k <=> lo[k] < threshold <= hi[k]
+    hi = np.clip(np.concatenate([u, [1.0]]), 0.0, 1.0)
+    mid = (lo + hi) / 2.0
+    if method == "sensitivity":
+        k = int(np.flatnonzero(sens >= target - 1e-12).max())  # cut 0 (everything positive) always qualifies
+        return float(mid[k])
+    j = sens + spec - 1.0
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    dist = np.where((lo[best] < 0.5) & (0.5 <= hi[best]), 0.0,
+                    np.minimum(np.abs(lo[best] - 0.5), np.abs(hi[best] - 0.5)))
+    k = int(best[np.argmin(dist)])
+    return 0.5 if dist.min() == 0.0 else float(mid[k])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Confidence intervals: stratified percentile bootstrap (Efron & Tibshirani 1993, ch. 13).
+# ---------------------------------------------------------------------------------------------------
+
+METRIC_NAMES = ("auc", "sensitivity", "specificity", "f1", "accuracy", "precision", "ece")
+
+
+class Interval(NamedTuple):
+    """A point estimate on the original data and its (low, high) confidence interval."""
+
+    point: float
+    low: float
+    high: float
+
+
+def bootstrap_indices(y_true: np.ndarray, n_boot: int = 2000, seed: int = 0, stratified: bool = True) -> np.ndarray:
+    """Index matrix (n_boot, n) of bootstrap resamples, drawn once and shared by every metric.
+
+    Stratified (the default): positives and negatives are resampled separately, keeping their counts, so every
+    resample has both classes (AUC, sensitivity and specificity are always defined) and the class balance of
+    the evaluated set is not part of the noise. Sharing the matrix between two models gives a PAIRED bootstrap.
+    """
+    y = np.asarray(y_true).astype(bool)
+    rng = np.random.default_rng(seed)
+    if not stratified:
+        return rng.integers(0, len(y), size=(n_boot, len(y)))
+    parts = [pool[rng.integers(0, len(pool), size=(n_boot, len(pool)))]
+             for pool in (np.flatnonzero(y), np.flatnonzero(~y)) if len(pool)]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((n_boot, 0), dtype=np.int64)
+
+
+def _auc_resampled(y: np.ndarray, s: np.ndarray, idx: np.ndarray, max_cells: int = 4_000_000) -> np.ndarray:
+    """Mann-Whitney AUC (ties count one half) of every row of ``idx`` at once, without a per-resample sort.
+
+    The scores are ranked ONCE (``np.unique``); a resample is then just counts of positives and negatives per
+    distinct score, and AUC = sum over distinct scores of #pos x (#neg strictly below + #neg equal / 2),
+    divided by #pos x #neg — exactly the average-rank statistic of ``roc_auc``. Rows are processed in chunks
+    of at most ``max_cells`` counters to bound memory.
+    """
+    u_inv = np.unique(s, return_inverse=True)[1].reshape(-1)
+    n_u = int(u_inv.max()) + 1 if len(u_inv) else 1
+    out = np.empty(len(idx), dtype=np.float64)
+    step = max(1, max_cells // n_u)
+    for a in range(0, len(idx), step):
+        ii = idx[a:a + step]
+        b = len(ii)
+        keys = u_inv[ii] + (np.arange(b) * n_u)[:, None]
+        p = y[ii]
+        pos = np.bincount(keys[p], minlength=b * n_u).reshape(b, n_u)
+        neg = np.bincount(keys[~p], minlength=b * n_u).reshape(b, n_u)
+        below = np.cumsum(neg, axis=1) - neg
+        num = (pos * (below + 0.5 * neg)).sum(axis=1)
+        den = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[a:a + b] = np.where(den > 0, num / np.maximum(den, 1), np.nan)
+    return out
+
+
+def _resampled_metrics(y: np.ndarray, s: np.ndarray, idx: np.ndarray, names: list, threshold: float,
+                       bins: int = 15) -> dict[str, np.ndarray]:
+    """Each requested metric for every row of ``idx`` (vectorised; custom callables loop over rows)."""
+    out: dict[str, np.ndarray] = {}
+    yy = y[idx]
+    pred = (s >= threshold)[idx]
+    tp, fn = (yy & pred).sum(1).astype(float), (yy & ~pred).sum(1).astype(float)
+    fp, tn = (~yy & pred).sum(1).astype(float), (~yy & ~pred).sum(1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nan = np.nan
+        sens = np.where(tp + fn > 0, tp / (tp + fn), nan)
+        spec = np.where(tn + fp > 0, tn / (tn + fp), nan)
+        prec = np.where(tp + fp > 0, tp / (tp + fp), nan)
+        f1 = np.where(prec + sens > 0, 2 * prec * sens / (prec + sens), nan)  # NaN as binary_metrics when 0/0
+        acc = np.where(idx.shape[1] > 0, (tp + tn) / max(idx.shape[1], 1), nan)
+    simple = {"sensitivity": sens, "specificity": spec, "precision": prec, "f1": f1, "accuracy": acc}
+    for name, fn_ in names:
+        if fn_ is not None:
+            out[name] = np.array([fn_(y[r], s[r]) for r in idx], dtype=np.float64)
+        elif name == "auc":
+            out[name] = _auc_resampled(y, s, idx)
+        elif name == "ece":
+            # ECE of the predicted class (as expected_calibration_error on [p, 1-p]): with fixed equal-width bins
+            # it is sum_k |#correct_k - sum conf_k| / n, i.e. two bincounts per resample.
+            conf = np.maximum(s, 1.0 - s)
+            correct = ((s >= 0.5) == y).astype(np.float64)
+            edges = np.linspace(0.0, 1.0, bins + 1)
+            b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+            keys = b[idx] + (np.arange(len(idx)) * bins)[:, None]
+            gap = (np.bincount(keys.ravel(), weights=correct[idx].ravel(), minlength=len(idx) * bins)
+                   - np.bincount(keys.ravel(), weights=conf[idx].ravel(), minlength=len(idx) * bins))
+            out[name] = np.abs(gap.reshape(len(idx), bins)).sum(1) / max(idx.shape[1], 1)
+        else:
+            out[name] = simple[name]
+    return out
+
+
+def _metric_list(metrics) -> list[tuple[str, Callable | None]]:
+    items = [metrics] if isinstance(metrics, str) or callable(metrics) else list(metrics)
+    out = []
+    for m in items:
+        if isinstance(m, str):
+            if m not in METRIC_NAMES:
+                raise ValueError(f"unknown metric {m!r}; known: {', '.join(METRIC_NAMES)} or a callable")
+            out.append((m, None))
+        elif isinstance(m, tuple):
+            out.append((str(m[0]), m[1]))
+        else:
+            out.append((getattr(m, "__name__", "metric"), m))
+    return out
+
+
+def bootstrap_ci(y_true: np.ndarray, score: np.ndarray,
+                 metrics=("auc", "sensitivity", "specificity", "f1"), threshold: float = 0.5,
+                 n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+                 stratified: bool = True) -> dict[str, Interval]:
+    """Percentile bootstrap confidence intervals: {name: Interval(point, low, high)}.
+
+    ``metrics``: names from ``METRIC_NAMES`` (threshold metrics use ``score >= threshold``; ECE is that of the
+    predicted class as in ``expected_calibration_error``), callables ``fn(y_true_bool, score) -> float``, or
+    ``(name, callable)`` pairs. Point = metric on the original data; interval = the alpha/2 and 1 - alpha/2
+    percentiles of the resampled values (percentile method — simple, and adequate for these bounded metrics;
+    it is not the bias-corrected BCa interval). Resamples where a metric is undefined (e.g. no predicted
+    positive for precision) are left out of its percentiles. Seeded, so the same call gives the same interval.
+    Why: on a few hundred test images an AUC of 0.90 is roughly +-0.03, and comparisons of fine-tuning levels
+    are meaningless without that (issue 10).
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"y_true and score must be 1-D of the same length, got {y.shape} and {s.shape}")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    names = _metric_list(metrics)
+    point = _resampled_metrics(y, s, np.arange(len(y))[None, :], names, threshold)
+    boot = _resampled_metrics(y, s, bootstrap_indices(y, n_boot, seed, stratified), names, threshold)
+    out = {}
+    for name, _ in names:
+        lo, hi = _nan_percentiles(boot[name], alpha)
+        out[name] = Interval(float(point[name][0]), lo, hi)
+    return out
+
+
+def _nan_percentiles(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if not len(v):
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired comparison of two models on the same images: DeLong's test (DeLong, DeLong & Clarke-Pearson,
+# Biometrics 1988) with the fast O(n log n) algorithm of Sun & Xu (IEEE Signal Process. Lett. 2014).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the average of their positions (Sun & Xu's 'midrank')."""
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inv.reshape(-1)]
+
+
+def delong_auc_cov(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs (K,) and their DeLong covariance matrix (K, K) for K score vectors (K, n) on the same images.
+
+    DeLong's estimator splits each AUC into structural components — for every positive, the fraction of
+    negatives it outranks (V10), for every negative the fraction of positives above it (V01) — and estimates
+    Var/Cov(AUC) = S10 / m + S01 / n from their sample covariances (m positives, n negatives). It accounts
+    for the correlation between two models scored on the same images, which is what makes the paired test
+    far more sensitive than comparing two separate intervals. NaN when a class has fewer than 2 images.
+    """
+    y = np.asarray(y_true).astype(bool)
+    sc = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    k, m, n = sc.shape[0], int(y.sum()), int((~y).sum())
+    if m < 2 or n < 2:
+        return np.full(k, np.nan), np.full((k, k), np.nan)
+    pos, neg = sc[:, y], sc[:, ~y]
+    v10, v01, aucs = np.empty((k, m)), np.empty((k, n)), np.empty(k)
+    for r in range(k):
+        tx, ty = _midranks(pos[r]), _midranks(neg[r])
+        tz = _midranks(np.concatenate([pos[r], neg[r]]))
+        aucs[r] = tz[:m].sum() / (m * n) - (m + 1.0) / (2.0 * n)
+        v10[r] = (tz[:m] - tx) / n
+        v01[r] = 1.0 - (tz[m:] - ty) / m
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, cov
+
+
+def auc_delong(y_true: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """(AUC, its DeLong variance) for one model."""
+    aucs, cov = delong_auc_cov(y_true, np.asarray(score)[None, :])
+    return float(aucs[0]), float(cov[0, 0])
+
+
+def paired_auc_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 2000,
+                    alpha: float = 0.05, seed: int = 0) -> dict:
+    """Is model A's AUC different from model B's on the same images? Two-sided DeLong test.
+
+    Returns auc_a, auc_b, diff = auc_a - auc_b, se, z, p_value and the (1 - alpha) CI of the difference
+    (ci_low, ci_high) from DeLong's normal approximation, plus a paired stratified percentile bootstrap CI
+    (boot_ci_low, boot_ci_high: both models scored on the same resamples) as an assumption-light cross-check,
+    n_pos, n_neg, alpha, n_boot and ``method``. Values are NaN when a class has fewer than 2 images.
+    """
+    y = np.asarray(y_true).astype(bool)
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if not (y.shape == a.shape == b.shape) or y.ndim != 1:
+        raise ValueError(f"y_true, scores_a, scores_b must be 1-D of one length: {y.shape}, {a.shape}, {b.shape}")
+    aucs, cov = delong_auc_cov(y, np.stack([a, b]))
+    diff = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    zq = NormalDist().inv_cdf(1 - alpha / 2)
+    if not math.isfinite(var):
+        se = z = p = lo = hi = float("nan")
+    elif var <= 1e-15:  # identical rankings (or both perfect): no evidence of a difference at all
+        se, z = 0.0, 0.0 if abs(diff) < 1e-12 else math.copysign(math.inf, diff)
+        p, lo, hi = (1.0 if z == 0.0 else 0.0), diff, diff
+    else:
+        se = math.sqrt(var)
+        z = diff / se
+        p = math.erfc(abs(z) / math.sqrt(2.0))  # two-sided normal tail
+        lo, hi = diff - zq * se, diff + zq * se
+    boot_lo = boot_hi = float("nan")
+    if y.sum() and (~y).sum() and n_boot > 0:
+        idx = bootstrap_indices(y, n_boot, seed, stratified=True)
+        boot_lo, boot_hi = _nan_percentiles(_auc_resampled(y, a, idx) - _auc_resampled(y, b, idx), alpha)
+    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": z,
+            "ci_low": lo, "ci_high": hi, "p_value": p, "boot_ci_low": boot_lo, "boot_ci_high": boot_hi,
+            "n_pos": int(y.sum()), "n_neg": int((~y).sum()), "alpha": alpha, "n_boot": n_boot,
+            "method": "DeLong test for correlated ROC curves (Sun & Xu 2014 algorithm); paired stratified "
+                      "percentile bootstrap CI as cross-check"}
+
+
+def auc_verdict(result: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """One plain-language line for a :func:`paired_auc_test` result, e.g.
+    ``"A is better (p=0.01; AUC 0.912 vs 0.874, difference +0.038, 95% CI +0.012 to +0.064)"``."""
+    p, diff = result.get("p_value", float("nan")), result.get("diff", float("nan"))
+    alpha = result.get("alpha", 0.05)
+    if p is None or not math.isfinite(p):
+        return "cannot compare: each class needs at least 2 images"
+    p_txt = "p<0.001" if p < 0.001 else f"p={p:.2g}"
+    detail = (f"AUC {result['auc_a']:.3f} vs {result['auc_b']:.3f}, difference {diff:+.3f}, "
+              f"{100 * (1 - alpha):.0f}% CI {result['ci_low']:+.3f} to {result['ci_high']:+.3f}")
+    if p < alpha:
+        return f"{names[0] if diff > 0 else names[1]} is better ({p_txt}; {detail})"
+    return f"no significant difference ({p_txt}; {detail})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration that cannot run away (issue 10 §6): temperature bounded, and refused when the data cannot
+# support it.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def calibration_check(logits, labels, min_per_class: int = 30) -> tuple[bool, str]:
+    """(ok, note): can a temperature be fitted on this validation set? ``note`` says why not ("" when ok).
+
+    Two cases where the NLL-optimal temperature is meaningless: (1) too few images per class — the fit follows
+    a handful of examples; (2) no validation errors — the NLL keeps decreasing as T -> 0, so an unbounded fit
+    runs to its clamp and shows "100 %" for everything (issue 10: T = 0.05 on the quick demo model).
+    """
+    z, y = _np(logits).astype(np.float64), _np(labels).astype(np.int64).reshape(-1)
+    n_cls = z.shape[1] if z.ndim == 2 else int(y.max(initial=0)) + 1
+    counts = np.bincount(y, minlength=max(n_cls, 1))
+    if counts.min() < min_per_class:
+        return False, (f"validation set too small to calibrate (images per class: {counts.tolist()}, "
+                       f"need >= {min_per_class} each); temperature left at 1")
+    if z.ndim == 2 and len(y) and int((z.argmax(axis=1) != y).sum()) == 0:
+        return False, ("validation set perfectly separated (no errors), so its likelihood cannot estimate a "
+                       "temperature; left at 1")
+    return True, ""
+
+
+def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:
+    s = beta * z
+    mx = s.max(axis=1, keepdims=True)
+    lse = mx[:, 0] + np.log(np.exp(s - mx).sum(axis=1))
+    return float(np.mean(lse - s[np.arange(len(y)), y]))
+
+
+def fit_temperature_bounded(logits, labels, t_min: float = 0.5, t_max: float = 10.0,
+                            min_per_class: int = 30) -> tuple[float, str]:
+    """Temperature scaling (Guo et al. 2017) with T restricted to [t_min, t_max]: returns (T, note).
+
+    ``note`` is "" when the fit is unremarkable; otherwise it says why T = 1 was kept
+    (:func:`calibration_check`) or that T stopped at a bound. The NLL of logits * beta is convex in
+    beta = 1/T, so a golden-section search on [1/t_max, 1/t_min] finds the constrained optimum exactly.
+    Why these bounds: T < 0.5 would more than double every logit (turning 73 % into 88 %, 88 % into 98 %) —
+    far beyond what a validation set of a few hundred images can justify; T > 10 flattens everything to ~50 %.
+    Accepts torch tensors or numpy arrays.
+    """
+    if not 0 < t_min <= 1.0 <= t_max:
+        raise ValueError(f"need 0 < t_min <= 1 <= t_max, got {t_min}, {t_max}")
+    ok, note = calibration_check(logits, labels, min_per_class)
+    if not ok:
+        return 1.0, note
+    z, y = _np(logits).astype(np.float64), _np(labels).astype(np.int64).reshape(-1)
+    lo, hi = 1.0 / t_max, 1.0 / t_min
+    g = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    fc, fd = _nll(z, y, c), _nll(z, y, d)
+    for _ in range(80):  # interval shrinks by 0.618 per step: ~1e-17 of the start
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - g * (hi - lo)
+            fc = _nll(z, y, c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + g * (hi - lo)
+            fd = _nll(z, y, d)
+    beta = (lo + hi) / 2.0
+    t = float(min(max(1.0 / beta, t_min), t_max))
+    if not math.isfinite(t):
+        return 1.0, "temperature fit failed (non-finite); left at 1"
+    if t <= t_min * (1 + 1e-3) or t >= t_max * (1 - 1e-3):
+        t = t_min if t <= t_min * (1 + 1e-3) else t_max  # the search converges to the bound, not onto it
+        return t, f"temperature stopped at its bound ({t:.3g}, allowed {t_min:g}-{t_max:g}); the model's " \
+                  "confidence on validation is far from its accuracy"
+    return t, ""
+
+
+def split_report(probs: np.ndarray, labels: np.ndarray, positive: int = 0, threshold: float | None = None,
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """Everything we report for one split, at the model's operating point, with 95 % bootstrap intervals.
+
+    ``probs``: (N, C) calibrated class probabilities; ``labels``: integer classes; ``threshold``: the
+    decision threshold on P(positive) (None = the most probable class, i.e. 0.5 for two classes).
+    Keys as ``binary_metrics`` plus ``threshold`` and ``ci`` = {metric: [low, high]} for AUC, sensitivity,
+    specificity, F1 and ECE (stratified percentile bootstrap, ``n_boot`` resamples, seeded).
+    """
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if threshold is None or probs.shape[1] != 2:
+        out = {**binary_metrics(probs, labels, positive), "threshold": 0.5}
+    else:
+        out = {**binary_metrics_at(labels == positive, probs[:, positive], threshold),
+               "ece": expected_calibration_error(probs, labels) if len(labels) else float("nan")}
+    is_pos = labels == positive
+    if n_boot and is_pos.any() and (~is_pos).any():
+        ci = bootstrap_ci(is_pos, probs[:, positive], ("auc", "sensitivity", "specificity", "f1", "ece"),
+                          threshold=out["threshold"], n_boot=n_boot, seed=seed)
+        out["ci"] = {k: [v.low, v.high] for k, v in ci.items()}
+    return out
 
 
 def clean(d):

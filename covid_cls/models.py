@@ -11,17 +11,18 @@ non-linearity makes the hidden layer worth its 2.2 M (ResNet18) / 17.6 M (VGG16)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
-import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
+
+from .errors import ConfigError, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +32,17 @@ HIDDEN = 4300
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Facts about one backbone. Module paths are dotted names for ``model.get_submodule``."""
+    """Facts about one backbone. Module paths are dotted names inside the torchvision model."""
 
     name: str
     title: str
     builder: str                 # torchvision.models function name
     weights_enum: str            # torchvision Weights enum name (its DEFAULT is used for "imagenet")
-    head_path: str               # where torchvision's last Linear sits; our head replaces it
-    in_features: int             # what that Linear received
+    head_path: str               # where torchvision's last Linear sits; it becomes Identity, our head follows
+    in_features: int             # what that Linear received (= what our head receives)
     # Dotted module names trained at each level besides the head (``full`` trains everything).
     level_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    cam_target: str = ""         # Grad-CAM target layer
-    cam_grad_from: str = ""      # lowest module that must keep requires_grad for a fast Grad-CAM
-    features: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-
-
-def _resnet_features(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Everything in torchvision's ResNet.forward except the last Linear: (N,3,H,W) -> (N,512)."""
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-    return torch.flatten(m.avgpool(x), 1)
-
-
-def _vgg_features(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """VGG up to the input of classifier[6] (our head): (N,3,H,W) -> (N,4096)."""
-    x = torch.flatten(m.avgpool(m.features(x)), 1)
-    return m.classifier[:6](x)
+    cam_target: str = ""         # Grad-CAM target layer (its output is explained)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -64,8 +50,7 @@ ARCHS: dict[str, ArchSpec] = {
         name="resnet18", title="ResNet18", builder="resnet18", weights_enum="ResNet18_Weights",
         head_path="fc", in_features=512,
         level_modules={"fc": (), "partial": ("layer4",)},
-        cam_target="layer4.1", cam_grad_from="layer4.1",
-        features=_resnet_features,
+        cam_target="layer4.1",
     ),
     "vgg16": ArchSpec(
         name="vgg16", title="VGG16", builder="vgg16", weights_enum="VGG16_Weights",
@@ -73,23 +58,21 @@ ARCHS: dict[str, ArchSpec] = {
         # features[24:] is the last conv block (conv-relu x3 + maxpool); partial also trains the
         # pretrained classifier layers, fc freezes them (only our head learns).
         level_modules={"fc": (), "partial": tuple(f"features.{i}" for i in range(24, 31)) + ("classifier",)},
-        # The last conv block's output before pooling (ReLU, 14x14 at 224 px). The ReLU has no
-        # parameters, so for the fast Grad-CAM the conv feeding it must keep requires_grad.
-        cam_target="features.29", cam_grad_from="features.28",
-        features=_vgg_features,
+        # The last conv block's output before pooling (ReLU, 14x14 at 224 px).
+        cam_target="features.29",
     ),
 }
 
 
 def get_spec(arch: str) -> ArchSpec:
     if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
     return ARCHS[arch]
 
 
 def check_level(level: str) -> str:
     if level not in LEVELS:
-        raise ValueError(f"unknown fine-tuning level {level!r}; choose one of: {', '.join(LEVELS)}")
+        raise ConfigError(f"unknown fine-tuning level {level!r}; choose one of: {', '.join(LEVELS)}")
     return level
 
 
@@ -102,22 +85,86 @@ def make_head(in_features: int, hidden: int = HIDDEN, num_classes: int = 2, drop
     )
 
 
-def get_head(model: nn.Module, arch: str) -> nn.Module:
-    return model.get_submodule(get_spec(arch).head_path)
-
-
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+class FineTuneNet(nn.Module):
+    """A torchvision backbone whose last Linear is ``Identity``, followed by our head.
+
+    The backbone is torchvision's own module and runs torchvision's own ``forward`` (nothing re-implemented):
+    with its classifier slot emptied it returns exactly what the old Linear received (ResNet18: the pooled
+    512-vector; VGG16: the 4096-vector after ``classifier[:6]``). ``forward_features`` / ``forward_head``
+    split the two halves the way timm's models do; level ``fc`` caches the first and trains the second.
+
+    ``train()`` keeps the frozen part in eval mode: frozen BatchNorm must not update its running statistics
+    and frozen dropout must not fire, so the frozen part is a fixed function (what "frozen" promises, and
+    what makes the level-fc feature cache exact).
+    """
+
+    def __init__(self, spec: ArchSpec, level: str, backbone: nn.Module, head: nn.Module,
+                 weights_origin: str = "scratch", weights_note: str = "",
+                 base_weights: dict[str, str] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.backbone = backbone
+        self.head = head
+        self.weights_origin = weights_origin
+        self.weights_note = weights_note
+        self.base_weights = dict(base_weights or {})   # {name, file, sha256} of the public weights, or {}
+        self.level = ""
+        self.set_level(level)
+
+    @property
+    def arch(self) -> str:
+        return self.spec.name
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.backbone.get_submodule(self.spec.cam_target)
+
+    @property
+    def trainable_roots(self) -> tuple[str, ...]:
+        """Dotted names (in this model) of the modules trained at this level ("" = the whole model)."""
+        return trainable_roots(self.arch, self.level)
+
+    def set_level(self, level: str) -> FineTuneNet:
+        """Freeze everything ``level`` does not train, for real (requires_grad False + eval mode)."""
+        self.level = check_level(level)
+        self.requires_grad_(False)
+        for name in self.trainable_roots:
+            self.get_submodule(name).requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> FineTuneNet:
+        super().train(False)
+        if mode:
+            for name in self.trainable_roots:
+                nn.Module.train(self.get_submodule(name), True)
+        self.training = mode
+        return self
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The entries this level changes: parameters and buffers of the trainable modules (the rest of the
+        state equals the base weights it was built from)."""
+        roots = self.trainable_roots
+        return {k: v for k, v in self.state_dict().items()
+                if any(r == "" or k == r or k.startswith(r + ".") for r in roots)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pretrained weights
 # ---------------------------------------------------------------------------------------------------
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights were asked for explicitly and cannot be had."""
-
 
 def _weights(spec: ArchSpec):
     import torchvision.models as tvm
@@ -141,24 +188,43 @@ def _can_download(host: str = "download.pytorch.org", timeout: float = 3.0) -> b
         return False
 
 
-def _imagenet_state_dict(spec: ArchSpec, download: bool) -> dict:
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:   # size/mtime: a changed file is re-hashed
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return _file_sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _imagenet_state_dict(spec: ArchSpec, download: bool) -> tuple[dict, Path]:
     cached = _cached_weights_file(spec)
-    if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    if not download:
-        raise WeightsUnavailable(f"{cached.name} is not cached")
-    return _weights(spec).get_state_dict(progress=False)
+    if not cached.is_file():
+        if not download:
+            raise WeightsUnavailable(f"{cached.name} is not cached")
+        _weights(spec).get_state_dict(progress=False)   # torchvision downloads into the hub cache
+    return torch.load(cached, map_location="cpu", weights_only=True), cached
 
 
-def _resolve_weights(spec: ArchSpec, weights: str | os.PathLike) -> tuple[dict | None, str, str]:
-    """Return (backbone state_dict or None, origin, note). origin: imagenet | scratch | file."""
+def _resolve_weights(spec: ArchSpec, weights: str | os.PathLike) -> tuple[dict | None, str, str, dict[str, str]]:
+    """Return (backbone state_dict or None, origin, note, base). origin: imagenet | scratch | file.
+
+    ``base`` names the public weights a model started from and their file's SHA-256 ({} when there are
+    none): a checkpoint of such a model may store only what its level trained and rebuild the rest.
+    """
     w = os.fspath(weights)
     if w == "none":
-        return None, "scratch", "trained from scratch (weights='none')"
+        return None, "scratch", "trained from scratch (weights='none')", {}
     if w in ("imagenet", "auto"):
         try:
-            sd = _imagenet_state_dict(spec, download=(w == "imagenet") or _can_download())
-            return sd, "imagenet", f"ImageNet ({_weights(spec)})"
+            sd, file = _imagenet_state_dict(spec, download=(w == "imagenet") or _can_download())
+            base = {"name": f"{spec.weights_enum}.{_weights(spec).name}", "file": file.name,
+                    "sha256": file_sha256(file)}
+            return sd, "imagenet", f"ImageNet ({_weights(spec)})", base
         except Exception as exc:  # noqa: BLE001 - any failure to fetch means "not available"
             hint = (f"put {_cached_weights_file(spec).name} into {_cached_weights_file(spec).parent} "
                     "(TORCH_HOME) or use weights='none'")
@@ -168,72 +234,70 @@ def _resolve_weights(spec: ArchSpec, weights: str | os.PathLike) -> tuple[dict |
             note = (f"ImageNet weights for {spec.title} are not available here (offline?); "
                     f"TRAINED FROM SCRATCH. To fine-tune from ImageNet, {hint}.")
             warnings.warn(note, RuntimeWarning, stacklevel=3)
-            return None, "scratch", note
+            return None, "scratch", note, {}
     path = Path(w)
     if not path.is_file():
-        raise ValueError(f"weights must be 'auto', 'imagenet', 'none' or a state_dict file; {w!r} is none of these")
+        raise ConfigError(f"weights must be 'auto', 'imagenet', 'none' or a state_dict file; {w!r} is none of these")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
-    return sd, "file", f"weights from {path.name}"
+    return sd, "file", f"weights from {path.name}", {}
+
+
+def load_base_weights(arch: str, base: dict[str, str]) -> dict:
+    """The public weights a checkpoint's frozen part comes from, verified against the SHA-256 its card
+    recorded. Raises WeightsUnavailable (with where to put the file) when they cannot be had."""
+    spec = get_spec(arch)
+    expected = f"{spec.weights_enum}.{_weights(spec).name}"
+    if base.get("name") != expected:
+        raise WeightsUnavailable(f"this checkpoint was built on {base.get('name')!r}; this torchvision "
+                                 f"provides {expected!r}")
+    file = _cached_weights_file(spec)
+    if not file.is_file():
+        _imagenet_state_dict(spec, download=_can_download())   # raises with where to put the file
+    if file_sha256(file) != base.get("sha256"):
+        raise WeightsUnavailable(f"{file} is not the file this checkpoint was trained from (SHA-256 differs)")
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Building and freezing
 # ---------------------------------------------------------------------------------------------------
 
-def _train_keeping_frozen(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``model.train()`` that leaves the frozen part in eval mode.
-
-    Frozen BatchNorm layers must not update their running statistics and frozen dropout must not
-    fire: the frozen part is then a fixed function, which is what "frozen" promises (and what makes
-    the level-fc feature cache exact).
-    """
-    nn.Module.train(self, False)
-    if mode:
-        for name in self._trainable_roots:
-            nn.Module.train(self.get_submodule(name) if name else self, True)
-    return self
-
-
 def trainable_roots(arch: str, level: str) -> tuple[str, ...]:
-    """Dotted names of the modules trained at ``level`` ("" = the whole model)."""
+    """Dotted names of the modules trained at ``level`` in a ``FineTuneNet`` ("" = the whole model)."""
     spec, level = get_spec(arch), check_level(level)
     if level == "full":
         return ("",)
-    return spec.level_modules[level] + (spec.head_path,)
+    return tuple(f"backbone.{m}" for m in spec.level_modules[level]) + ("head",)
 
 
-def apply_level(model: nn.Module, arch: str, level: str) -> nn.Module:
-    """Freeze everything the level does not train, for real (requires_grad False + eval mode)."""
-    roots = trainable_roots(arch, level)
-    model.requires_grad_(False)
-    for name in roots:
-        (model.get_submodule(name) if name else model).requires_grad_(True)
-    model._trainable_roots = roots
-    model.train = types.MethodType(_train_keeping_frozen, model)
-    model.train(model.training)
-    return model
+def apply_level(model: FineTuneNet, arch: str, level: str) -> FineTuneNet:
+    """Freeze everything the level does not train (kept for callers of the first API; see ``set_level``)."""
+    if model.arch != arch:
+        raise ConfigError(f"this model is a {model.arch}, not a {arch}")
+    return model.set_level(level)
 
 
 def build_model(arch: str, level: str, *, weights: str | os.PathLike = "auto", num_classes: int = 2,
-                hidden: int = HIDDEN, dropout: float = 0.5) -> nn.Module:
+                hidden: int = HIDDEN, dropout: float = 0.5) -> FineTuneNet:
     """A torchvision backbone (pretrained weights loaded first) with its last Linear replaced by our head.
 
-    ``model.covid_meta`` records arch, level and where the weights came from ("imagenet",
-    "scratch" or "file") with a human note; checkpoints carry it into their card.
+    ``model.weights_origin`` is "imagenet", "scratch" or "file", ``model.weights_note`` a human note and
+    ``model.base_weights`` the name and SHA-256 of the public weights file it started from (if any);
+    checkpoints carry them into their card.
     """
     import torchvision.models as tvm
 
     spec, level = get_spec(arch), check_level(level)
-    state, origin, note = _resolve_weights(spec, weights)
-    model = getattr(tvm, spec.builder)(weights=None)
+    state, origin, note, base = _resolve_weights(spec, weights)
+    backbone = getattr(tvm, spec.builder)(weights=None)
     if state is not None:
-        model.load_state_dict(state)  # the original 1000-class head first, then we swap it
-    _set_submodule(model, spec.head_path, make_head(spec.in_features, hidden, num_classes, dropout))
-    model.covid_meta = {"arch": arch, "level": level, "weights_origin": origin, "weights_note": note,
-                        "hidden": hidden, "num_classes": num_classes}
-    return apply_level(model, arch, level)
+        backbone.load_state_dict(state)  # the original 1000-class head first, then we remove it
+    _set_submodule(backbone, spec.head_path, nn.Identity())
+    model = FineTuneNet(spec, level, backbone, make_head(spec.in_features, hidden, num_classes, dropout),
+                        weights_origin=origin, weights_note=note, base_weights=base)
+    return model
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -242,17 +306,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def prepare_for_cam(model: nn.Module, arch: str) -> nn.Module:
-    """Make an inference model cheap for Grad-CAM: only the target layer keeps requires_grad.
-
-    pytorch-grad-cam by default back-propagates into every parameter. The map needs only the gradient
-    of the class score w.r.t. the target layer's output; that gradient still flows through the frozen
-    layers above the target (they are in the graph because their input requires grad), and nothing
-    below the target is traced at all. The target layer (or, for VGG16's parameter-free ReLU, the conv
-    feeding it) keeps requires_grad so its output is part of the graph.
-    """
-    spec = get_spec(arch)
-    model.requires_grad_(False)
-    model.get_submodule(spec.cam_grad_from).requires_grad_(True)
-    nn.Module.train(model, False)
-    return model
+def legacy_state_key(arch: str, key: str) -> str:
+    """Map a format-1 state_dict key (the whole torchvision model with our head in its Linear slot) to the
+    ``FineTuneNet`` key: ``fc.0.weight`` -> ``head.0.weight``, ``layer1...`` -> ``backbone.layer1...``."""
+    head = get_spec(arch).head_path + "."
+    return "head." + key[len(head):] if key.startswith(head) else "backbone." + key

@@ -12,6 +12,7 @@ Cheap checks beside it: strong colour (radiographs are gray), extreme aspect rat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,27 +20,25 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .models import get_spec
-
 QUANTILE = 0.99
 MARGIN = 1.2             # threshold = MARGIN x the validation quantile: a 99 % quantile estimated from
                          # ~100 validation images is noisy, and a false alarm on a real X-ray costs trust
 SHRINKAGE = 0.1          # covariance shrinkage towards a scaled identity: 512 dims from ~1000 images
+RIDGE_FLOOR = 1e-6       # smallest identity scale, relative to the features' mean square (never singular)
 LAYOUT_GRID = 8          # layout feature: 8x8 thumbnail + 16-bin histogram of the preprocessed square
 MAX_COLOURFULNESS = 12.0  # Hasler-Suesstrunk; gray scans and JPEG noise stay well below
 MAX_ASPECT = 2.0
 
 
-def pooled_features(model: nn.Module, arch: str, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output of ``forward(model, x)`` (default: the logits), pooled target-layer features (N, C))."""
+def pooled_features(model: nn.Module, x: torch.Tensor, head_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, or the head's input with ``head_input``; pooled Grad-CAM-layer features (N, C)) in one pass."""
     grabbed: list[torch.Tensor] = []
-    layer = model.get_submodule(get_spec(arch).cam_target)
-    handle = layer.register_forward_hook(lambda m, i, o: grabbed.append(o.float().mean(dim=(2, 3))))
+    handle = model.cam_layer.register_forward_hook(lambda m, i, o: grabbed.append(o.float().mean(dim=(2, 3))))
     try:
-        logits = forward(model, x) if forward is not None else model(x)
+        out = model.forward_features(x) if head_input else model(x)
     finally:
         handle.remove()
-    return logits, grabbed[0]
+    return out, grabbed[0]
 
 
 def layout_features(u8: torch.Tensor) -> torch.Tensor:
@@ -66,7 +65,13 @@ def fit_stats(train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,
     centred = train - means[torch.searchsorted(torch.tensor(classes), labels)]
     cov = centred.T @ centred / max(len(train) - len(classes), 1)
     d = cov.shape[0]
-    cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d) * torch.eye(d, dtype=cov.dtype)
+    # Shrink towards a scaled identity, with a floor on the scale: identical training images (or features
+    # that never vary) give a zero covariance, which must not make the matrix singular (issue 11 #7).
+    scale = float(cov.trace()) / d
+    floor = RIDGE_FLOOR * max(float(train.pow(2).mean()) if train.numel() else 0.0, 1.0)
+    scale = scale if math.isfinite(scale) and scale > floor else floor
+    shrinkage = min(max(float(shrinkage), 1e-3), 1.0)
+    cov = (1 - shrinkage) * cov + shrinkage * scale * torch.eye(d, dtype=cov.dtype)
     precision = torch.linalg.inv(cov)
     stats = {"means": means.float(), "precision": precision.float(), "threshold": 0.0, "quantile": quantile}
     val_scores = score(val, stats)

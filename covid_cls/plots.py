@@ -67,6 +67,23 @@ def roc(curves_by_name: dict[str, tuple[Sequence[float], Sequence[float], float 
     return fig
 
 
+def risk_coverage(curve: dict[str, Sequence[float]], aurc: float | None = None,
+                  rule: tuple[float, float] | None = None, title: str = "risk–coverage") -> plt.Figure:
+    """Error rate of the answered images vs the fraction answered (most confident first), as
+    ``evaluation.selective_report`` gives it (``{"coverage": [...], "risk": [...]}``); ``rule`` = (coverage,
+    risk) of the abstention rule the Predictor applies, marked as a point."""
+    fig, ax = plt.subplots(figsize=(3.8, 3.4), constrained_layout=True)
+    label = f"softmax confidence (AURC {aurc:.3f})" if aurc is not None else "softmax confidence"
+    ax.plot(curve.get("coverage", []), curve.get("risk", []), label=label)
+    if rule is not None and None not in rule:
+        ax.plot([rule[0]], [rule[1]], "o", color="C3", label="with the abstention rule")
+    ax.set(xlabel="coverage (fraction answered)", ylabel="risk (error rate of the answered)", title=title,
+           xlim=(0, 1.01), ylim=(0, None))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def overlaid_validation(runs: dict[str, Sequence[dict[str, Any]]], metric: str = "auc") -> plt.Figure:
     """Validation ``metric`` per epoch of several runs on one axis (the study view)."""
     fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,23 +15,32 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import best_checkpoint, load_model
+from .card import Card
+from .checkpoints import (
+    LEGACY_SUFFIX,
+    SUFFIX,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    ranked_checkpoints,
+)
 from .data import eval_batch, to_square_u8
-from .engine import Runtime
+from .errors import NoCheckpointError  # noqa: F401 - re-exported
 from .explain import CamExplainer, overlay, resize_cam
-from .imaging import load_image
+from .imaging import load_image_bounded
 from .models import check_level, get_spec
 from .ood import assess, layout_features
+from .runtime import Runtime
 
 DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
-
-
-class NoCheckpointError(LookupError):
-    """No trained model exists for the requested (arch, level)."""
+UNCERTAIN = "uncertain — outside what this model was trained on"
 
 
 @dataclass
 class Prediction:
+    """One answer. ``label`` is the headline: the class, or ``UNCERTAIN`` when the model abstains;
+    ``decision`` is always the class at the card's operating point; ``reasons`` say why it abstained."""
+
     label: str
     probs: dict[str, float]
     cam: np.ndarray                 # float32, H x W of the input image, in [0, 1]
@@ -38,16 +48,19 @@ class Prediction:
     device: str
     latency_ms: float
     checkpoint: str
-    card: dict[str, Any] = field(default_factory=dict)
+    card: Card
     image: Image.Image | None = None    # the decoded grayscale input
     ood: dict[str, Any] = field(default_factory=dict)   # {"flagged", "reasons", "scores"} (see ood.py)
     disclaimer: str = DISCLAIMER
+    decision: str = ""
+    abstain: bool = False
+    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
 class _Loaded:
     model: torch.nn.Module
-    card: dict[str, Any]
+    card: Card
     explainer: CamExplainer
     ood_stats: dict[str, Any] | None = None
 
@@ -57,7 +70,8 @@ class Predictor:
 
     Models are loaded lazily on first use and kept in an LRU of ``max_models`` (VGG16 with our head is
     ~0.6 GB in fp32, so a Space with 16 GB must bound what stays loaded). Safe to call from many threads:
-    one lock per model around Grad-CAM, one lock around the cache.
+    one lock per model around Grad-CAM, one lock around the cache. When the best checkpoint for a pair
+    turns out to be damaged at load time, the next valid one is used (and the damaged one remembered).
     """
 
     def __init__(self, checkpoints_dir: str | os.PathLike = "checkpoints", device: str = "auto",
@@ -69,42 +83,77 @@ class Predictor:
         self.device = self.runtime.device
         self.max_models = max(1, max_models)
         self._cache: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
+        self._broken: dict[tuple[str, int], str] = {}    # (path, mtime) -> why it failed to load
         self._lock = threading.Lock()
 
-    def resolve(self, arch: str = "resnet18", level: str = "fc", checkpoint: str | os.PathLike | None = None) -> Path:
+    def _named(self, checkpoint: str | os.PathLike) -> Path:
+        """A checkpoint name in the checkpoints folder (with or without suffix) first, else the path as given
+        (the CLI and Python pass paths; the app passes only names and checks them against its folder)."""
+        p = Path(checkpoint)
+        if not p.is_absolute():
+            for cand in (self.checkpoints_dir / p, self.checkpoints_dir / f"{p}{SUFFIX}",
+                         self.checkpoints_dir / f"{p}{LEGACY_SUFFIX}"):
+                if cand.is_file():
+                    return cand
+        return p
+
+    def candidates(self, arch: str = "resnet18", level: str = "fc",
+                   checkpoint: str | os.PathLike | None = None) -> list[Path]:
+        """The checkpoint to use, or for (arch, level) all of them, best first."""
         get_spec(arch), check_level(level)
         if checkpoint:
-            p = Path(checkpoint)
-            if not p.is_absolute() and not p.exists():
-                p = self.checkpoints_dir / p
-            return p
-        best = best_checkpoint(self.checkpoints_dir, arch, level)
-        if best is None:
+            return [self._named(checkpoint)]
+        ranked = ranked_checkpoints(self.checkpoints_dir, arch, level)
+        if not ranked:
             raise NoCheckpointError(
                 f"No trained model for {get_spec(arch).title} · {level} in {self.checkpoints_dir}/. Train one "
                 f"first, e.g. `python -m covid_cls train --data DIR --arch {arch} --level {level}`, or use the "
                 "quick demo model in the app.")
-        return best
+        return ranked
+
+    def resolve(self, arch: str = "resnet18", level: str = "fc", checkpoint: str | os.PathLike | None = None) -> Path:
+        return self.candidates(arch, level, checkpoint)[0]
+
+    @staticmethod
+    def _key(path: Path) -> tuple[str, int]:
+        return str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0
 
     def _get(self, path: Path) -> _Loaded:
-        key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)
+        key = self._key(path)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            model, card = load_model(path, self.device)
+            ckpt = load_checkpoint(path)
+            model = model_from_checkpoint(ckpt, self.device).requires_grad_(False)   # inference only
             self.runtime.model(model)
-            loaded = _Loaded(model, card, CamExplainer(model, card["arch"]), card.pop("ood_stats", None))
+            loaded = _Loaded(model, ckpt.card, CamExplainer(model), ckpt.ood_stats)
             self._warm_up(loaded)
             self._cache[key] = loaded
             while len(self._cache) > self.max_models:
-                self._cache.popitem(last=False)   # dropped; hooks go with the object
+                self._cache.popitem(last=False)   # dropped; nothing else holds it
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
             return loaded
 
+    def _load_first_valid(self, paths: list[Path], explicit: bool) -> tuple[Path, _Loaded]:
+        errors = []
+        for path in paths:
+            if not explicit and self._broken.get(self._key(path)):
+                continue
+            try:
+                return path, self._get(path)
+            except CheckpointError as exc:
+                if explicit:
+                    raise
+                self._broken[self._key(path)] = str(exc)
+                warnings.warn(f"skipping {path.name}: {exc}", RuntimeWarning)
+                errors.append(str(exc))
+        raise CheckpointError("no loadable checkpoint for this model: " + "; ".join(errors[:3] or
+                              [why for why in self._broken.values()][:3]))
+
     def _warm_up(self, loaded: _Loaded) -> None:
-        s = loaded.card.get("image_size", 224)
+        s = loaded.card.image_size
         loaded.explainer(self.runtime.input(torch.zeros(1, 3, s, s, device=self.device)))
 
     def loaded(self) -> list[str]:
@@ -116,39 +165,49 @@ class Predictor:
             for key in [k for k in self._cache if path is None or k[0] == str(Path(path).resolve())]:
                 del self._cache[key]
 
-    def card(self, arch: str = "resnet18", level: str = "fc", checkpoint=None) -> dict[str, Any]:
-        from .checkpoints import read_card
-
-        return read_card(self.resolve(arch, level, checkpoint)) or {}
-
     def predict(self, image, arch: str = "resnet18", level: str = "fc",
                 checkpoint: str | os.PathLike | None = None, alpha: float = 0.45) -> Prediction:
         """``image``: a path, bytes, PIL image or array (anything ``load_image`` takes).
 
         Raises ImageError for a bad file and NoCheckpointError when no model exists.
         """
-        path = self.resolve(arch, level, checkpoint)
-        img = load_image(image)
-        loaded = self._get(path)
+        paths = self.candidates(arch, level, checkpoint)
+        img = load_image_bounded(image)   # in a worker with CPU/memory/time limits
+        path, loaded = self._load_first_valid(paths, explicit=bool(checkpoint))
         card = loaded.card
         t0 = time.perf_counter()
-        u8 = torch.from_numpy(to_square_u8(img, card.get("cache_size", 256)))[None, None]
-        x = self.runtime.input(eval_batch(u8.to(self.device), card.get("image_size", 224)))
+        u8 = torch.from_numpy(to_square_u8(img, card.cache_size))[None, None]
+        x = self.runtime.input(eval_batch(u8.to(self.device), card.image_size))
         logits, cam, pooled = loaded.explainer(x, return_pooled=True)
-        temperature = float(card.get("temperature", 1.0))
-        p = torch.softmax(logits[0] / temperature, dim=0).tolist()
-        classes = card["classes"]
+        p = torch.softmax(logits[0] / card.temperature, dim=0).tolist()
         cam_full = resize_cam(cam, img.size)
         ood = assess(img, pooled, layout_features(u8), loaded.ood_stats)
+        reasons = list(ood["reasons"]) + _set_reasons(card, p)
         latency = (time.perf_counter() - t0) * 1000
+        decision = card.label_for(p)
         return Prediction(
-            label=classes[int(np.argmax(p))], probs=dict(zip(classes, p)), cam=cam_full,
+            label=UNCERTAIN if reasons else decision, decision=decision, abstain=bool(reasons), reasons=reasons,
+            probs=dict(zip(card.classes, p)), cam=cam_full,
             # overlay() would resize the map to the image again; reuse cam_full where it keeps the image
             # size (up to its max_side of 1024 px; larger images are shown downscaled, from the small map)
             overlay=overlay(img, cam_full if max(img.size) <= 1024 else cam, alpha),
             device=_device_name(self.device), latency_ms=latency,
-            checkpoint=str(path), card={k: v for k, v in card.items() if k not in ("state_dict", "history")},
-            image=img, ood=ood)
+            checkpoint=str(path), card=card, image=img, ood=ood)
+
+
+def _set_reasons(card: Card, probs: list[float]) -> list[str]:
+    """Split-conformal prediction set (Angelopoulos & Bates 2021): every class whose probability is high
+    enough for the validation-calibrated quantile. One class: an answer; two (or none): the model cannot
+    tell at the stated coverage, so it abstains."""
+    qhat = card.selective.get("conformal_qhat")
+    if not isinstance(qhat, (int, float)):
+        return []
+    kept = [c for c, pr in zip(card.classes, probs) if 1.0 - pr <= qhat]
+    if len(kept) == 1:
+        return []
+    alpha = card.selective.get("conformal_alpha", 0.1)
+    what = "both classes remain plausible" if kept else "no class is plausible enough"
+    return [f"{what} at {100 * (1 - alpha):.0f} % coverage (conformal set: {', '.join(kept) or 'empty'})"]
 
 
 def _device_name(device: torch.device) -> str:

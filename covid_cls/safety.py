@@ -10,15 +10,15 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
+
+from .errors import UnsafePath
+from .errors import UploadTooLarge as _UploadTooLarge
 
 MAX_ZIP_BYTES = 2 * 1024**3       # uncompressed total
 MAX_ZIP_FILES = 50_000
 MAX_ZIP_RATIO = 200               # uncompressed / compressed, per member (zip bombs reach 1000s)
-
-
-class UnsafePath(ValueError):
-    """A path or archive that the server refuses to use; the message says why."""
 
 
 def allowed_roots(env: str | None = None, default: Path | None = None) -> list[Path]:
@@ -43,6 +43,151 @@ def check_allowed(path: str | os.PathLike, roots: list[Path]) -> Path:
     shown = ", ".join(str(r) for r in roots) or "(none)"
     raise UnsafePath(f"folder {path} is outside the folders this server may read ({shown}); "
                      "set COVID_CLS_DATA_ROOTS to allow more")
+
+
+def is_inside(real: Path, roots: Iterable[Path]) -> bool:
+    """Whether the already resolved ``real`` is one of ``roots`` or lies below one."""
+    return any(real == root or real.is_relative_to(root) for root in roots)
+
+
+def outside_reason(path: str | os.PathLike, roots: Sequence[Path]) -> str | None:
+    """Why ``path`` may not be read under ``roots`` (resolved now, symlinks included), or None when it may."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return "cannot be resolved (missing, or a symlink loop)"
+    if not is_inside(real, roots):
+        return "leads outside the folders this server may read (a symlink?); not read"
+    return None
+
+
+def _fd_path(fd: int, fallback: str | os.PathLike) -> Path:
+    """The path of the file actually open on ``fd`` (Linux: /proc/self/fd), else ``fallback`` resolved."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return Path(fallback).resolve()
+
+
+def read_inside(path: str | os.PathLike, roots: Sequence[Path], limit: int) -> tuple[bytes, tuple[int, int]]:
+    """Open ``path`` and read it only if the file actually opened lies inside ``roots``.
+
+    The check is made on the open descriptor (what ``/proc/self/fd`` says it is), so a symlink inside a root
+    that leads out, or a folder swapped for such a symlink after a scan, is refused however late the swap
+    happens (issue 11 #4). Only regular files are read (a FIFO could block forever), at most ``limit`` + 1
+    bytes. Returns the bytes and the file's (st_dev, st_ino). Raises UnsafePath.
+    """
+    name = Path(path).name
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError) as exc:
+        raise UnsafePath(f"{name} cannot be opened ({getattr(exc, 'strerror', None) or exc.__class__.__name__})"
+                         ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"{name} is not a regular file; not read")
+        if not is_inside(_fd_path(fd, path), roots):
+            raise UnsafePath(f"{name} leads outside the folders this server may read (a symlink?); not read")
+        chunks, left = [], min(st.st_size, limit) + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), (st.st_dev, st.st_ino)
+    except OSError as exc:
+        raise UnsafePath(f"{name} cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# cleanup policy: extracted uploads and decoded caches are bounded in size and age
+# ---------------------------------------------------------------------------------------------------
+
+
+def env_limit(name: str, default: float, unit: float = 1.0) -> float:
+    """``float(os.environ[name]) * unit`` (``default`` when unset or not a number); 0 or less = no limit."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        value = float(default)
+    return value * unit if value > 0 else float("inf")
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for folder, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(folder, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def prune(entries: Iterable[tuple[Sequence[Path], float, int]], *, max_bytes: float, max_age_s: float,
+          keep: Callable[[Sequence[Path]], bool] = lambda paths: False, now: float | None = None) -> list[Path]:
+    """Delete whole entries — (its paths, last use time, bytes) — unused for more than ``max_age_s``, then the
+    least recently used until the rest fits in ``max_bytes``. Entries for which ``keep`` is true stay (and
+    count). Returns the paths removed."""
+    now = time.time() if now is None else now
+    items = sorted(entries, key=lambda e: e[1])   # least recently used first
+    total = sum(e[2] for e in items)
+    removed: list[Path] = []
+    for paths, used, size in items:
+        if keep(paths) or (now - used <= max_age_s and total <= max_bytes):
+            continue
+        for p in paths:
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+            except OSError:
+                pass
+        total -= size
+    return removed
+
+
+#: Extracted dataset uploads (``runs/datasets/<digest>``): total size and age after which they are deleted.
+UPLOADS_MAX_MB_ENV, UPLOADS_MAX_AGE_ENV = "COVID_CLS_UPLOADS_MAX_MB", "COVID_CLS_UPLOADS_MAX_AGE_HOURS"
+UPLOADS_MAX_MB, UPLOADS_MAX_AGE_HOURS = 2048, 24
+
+
+def prune_uploads(folder: str | os.PathLike, keep: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Apply the upload policy to ``folder``: extracted uploads unused for ``COVID_CLS_UPLOADS_MAX_AGE_HOURS``
+    (default 24) are deleted, then the least recently used until all fit in ``COVID_CLS_UPLOADS_MAX_MB``
+    (default 2048); staging folders of an extraction that never finished go after an hour. ``keep``: folders
+    in use (the one just extracted, the active run's data), never deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    kept = [Path(k).resolve() for k in keep]
+    max_bytes = env_limit(UPLOADS_MAX_MB_ENV, UPLOADS_MAX_MB, 2**20)
+    max_age = env_limit(UPLOADS_MAX_AGE_ENV, UPLOADS_MAX_AGE_HOURS, 3600)
+    entries, stale = [], []
+    for p in folder.iterdir():
+        try:
+            used = p.lstat().st_mtime
+            if p.name.startswith(".") and p.name.endswith(".partial"):
+                stale.append(([p], used, 0))
+            else:
+                entries.append(([p], used, _tree_size(p)))
+        except OSError:
+            continue
+
+    def in_use(paths: Sequence[Path]) -> bool:
+        real = paths[0].resolve()
+        return any(k == real or k.is_relative_to(real) for k in kept)
+
+    removed = prune(stale, max_bytes=float("inf"), max_age_s=3600, keep=in_use)
+    return removed + prune(entries, max_bytes=max_bytes, max_age_s=max_age, keep=in_use)
 
 
 _ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
@@ -83,7 +228,8 @@ def _check_entries(infos: list[zipfile.ZipInfo]) -> None:
         raise UnsafePath(f"zip expands {total / packed:.0f}x overall (a zip bomb?); refused")
 
 
-def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike,
+                     check_names: Callable[[list[str]], None] | None = None) -> Path:
     """Extract an ImageFolder zip after checking every entry first (nothing is written if any check fails).
 
     Refused: absolute paths, ``..`` components, symlinks and other special files, encrypted members,
@@ -91,7 +237,8 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Pa
     compressed over MAX_ZIP_RATIO:1. Members are extracted into a hidden staging folder beside ``dest`` and
     moved into ``dest`` only when all of them were read completely and intact (a header that lies about
     a size, a CRC error or a full disk found half-way leaves ``dest`` as it was). A single top-level
-    folder wrapping train/validation/test is unwrapped.
+    folder wrapping train/validation/test is unwrapped. ``check_names`` (e.g. the dataset layout check) sees
+    the member names before anything is written; whatever it raises leaves nothing behind either.
     """
     dest = Path(dest)
     try:
@@ -101,8 +248,13 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Pa
     with zf:
         infos = zf.infolist()
         _check_entries(infos)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        if check_names is not None:
+            check_names([i.filename.replace("\\", "/") for i in infos])
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        except OSError as exc:
+            raise UnsafePath(_extract_failed(exc)) from None
         try:
             for info in infos:
                 _extract_member(zf, info, staging)
@@ -110,7 +262,7 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Pa
         except UnsafePath:
             raise
         except OSError as exc:
-            raise UnsafePath(f"could not extract the zip: {exc.strerror or exc.__class__.__name__}") from None
+            raise UnsafePath(_extract_failed(exc)) from None
         except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC), zlib/lzma errors, ...
             raise UnsafePath(f"the zip is damaged and cannot be extracted ({exc.__class__.__name__}); "
                              "create it again") from None
@@ -120,6 +272,13 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike) -> Pa
     if len(entries) == 1 and entries[0].is_dir() and not (dest / "train").exists():
         return entries[0]
     return dest
+
+
+def _extract_failed(exc: OSError) -> str:
+    from .fsio import disk_full_message
+
+    # no server path in the message: it goes to whoever uploaded the zip
+    return disk_full_message(exc, "the extracted zip", "the server's upload folder")
 
 
 def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path) -> None:
@@ -154,7 +313,9 @@ def _move_into(staging: Path, dest: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-class UploadTooLarge(ValueError):
+class UploadTooLarge(_UploadTooLarge):
+    """An upload over the size limit; keeps the numbers for the message."""
+
     def __init__(self, size: int, limit: int):
         super().__init__(f"the upload is {size} bytes; the limit is {limit}")
         self.size, self.limit = size, limit
@@ -199,9 +360,10 @@ class _RecentUploads:
 _recent_uploads = _RecentUploads()
 
 
-def take_upload(path: str | os.PathLike, limit: int) -> bytes:
-    """Read an uploaded file into memory and delete it (whatever happens). Raises UploadTooLarge (not read)
-    or FileNotFoundError (gone, and not read by anyone in the last minutes)."""
+def take_upload(path: str | os.PathLike, limit: int, delete: bool = True) -> bytes:
+    """Read an uploaded file into memory and delete it (whatever happens) when ``delete``; the caller says
+    whether the file is an upload of this request (never delete a file someone else's session owns). Raises
+    UploadTooLarge (not read) or FileNotFoundError (gone, and not read by anyone in the last minutes)."""
     p = Path(path)
     key = str(p)
     try:
@@ -209,15 +371,21 @@ def take_upload(path: str | os.PathLike, limit: int) -> bytes:
         if size > limit:
             raise UploadTooLarge(size, limit)
         data = p.read_bytes()
-        _recent_uploads.put(key, data)
+        if delete:
+            _recent_uploads.put(key, data)
         return data
     except FileNotFoundError:
-        data = _recent_uploads.get(key)
+        data = _recent_uploads.get(key) if delete else None
         if data is None:
             raise
         return data
+    except UploadTooLarge:
+        raise
+    except (OSError, ValueError):   # a NUL byte, a name too long, a folder, no permission ...
+        raise FileNotFoundError(key[:200]) from None
     finally:
-        try:
-            p.unlink()
-        except OSError:
-            pass
+        if delete:
+            try:
+                p.unlink()
+            except (OSError, ValueError):
+                pass

@@ -96,16 +96,6 @@ def make_demo_dataset(directory: str | os.PathLike, n_per_class: int | dict[str,
     return root
 
 
-def lesion_mask(dataset_dir: str | os.PathLike, image_path: str | os.PathLike) -> np.ndarray | None:
-    """The saved mask of a synthetic image (bool array), or None when it has none."""
-    root, p = Path(dataset_dir), Path(image_path)
-    rel = p.relative_to(root) if p.is_absolute() else p
-    m = root / "masks" / rel
-    if not m.is_file():
-        return None
-    return np.asarray(Image.open(m)) > 127
-
-
 def non_xray_images(n: int = 20, size: int = 256, seed: int = 0) -> dict[str, list[Image.Image]]:
     """Generated images that are NOT chest X-rays, by kind, for measuring the out-of-distribution check.
 

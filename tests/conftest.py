@@ -1,4 +1,8 @@
-"""Shared fixtures. Everything runs on the CPU, offline, with small synthetic images."""
+"""Shared fixtures. Everything runs on the CPU, offline, with small synthetic images.
+
+Helpers and builders that test modules import live in helpers.py; test modules never import each other.
+Markers (registered in pyproject.toml): slow, http, browser, gpu (skipped here when CUDA is not available).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from helpers import small_config
+
 # Offline and isolated: no weight downloads, no cache outside the test run's temp folder.
 os.environ["COVID_CLS_OFFLINE"] = "1"
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CXR_REAL = SHARED_DATA / "cxr-real"
-CXR_FULLRES = SHARED_DATA / "cxr-fullres"
+
+def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return   # torch is imported only when a gpu test was collected
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in gpu:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,15 +44,6 @@ def demo_data(tmp_path_factory) -> Path:
     from covid_cls import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_per_class=24, size=96, seed=1)
-
-
-def small_config(data: Path, out: Path, **over):
-    from covid_cls import TrainConfig
-
-    kw = dict(data_dir=str(data), arch="resnet18", level="fc", epochs=3, image_size=64, cache_size=96,
-              weights="none", optimizer="adam", lr=1e-3, batch_size=16, out_dir=str(out), num_workers=2)
-    kw.update(over)
-    return TrainConfig(**kw)
 
 
 @pytest.fixture(scope="session")

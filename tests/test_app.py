@@ -2,39 +2,31 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import CXR_FULLRES
+from covid_cls.predictor import UNCERTAIN
+
+from helpers import CXR_FULLRES, launched_app
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.http
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from covid_cls.ui import CSS, Settings, build_app
+    from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("app")
     settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True,
                         max_upload=50 * 2**20, roots_env="")
-    demo = build_app(settings)
-    port = _free_port()
-    t0 = time.perf_counter()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    print(f"\nlaunch to listening: {time.perf_counter() - t0:.2f}s")
-    client = Client(f"http://127.0.0.1:{port}", verbose=False)
-    yield demo, client, settings, port
-    demo.close()
+    with launched_app(settings) as served:
+        print(f"\nlaunch to listening: {served.launch_seconds:.2f}s")
+        yield served.demo, served.client(), settings, served.port
 
 
 def _image(tmp_path) -> str:
@@ -62,7 +54,7 @@ def _train(client, epochs: int, level: str = "fc"):
 def test_endpoints_are_named(app):
     _, client, _, _ = app
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/predict", "/train", "/study", "/models", "/stop"} <= names
+    assert {"/predict", "/train", "/study", "/models", "/stop", "/evaluate"} <= names
 
 
 def test_predict_without_a_model_says_so(app, tmp_path):
@@ -87,7 +79,8 @@ def test_train_streams_epochs_then_model_is_listed_and_predicts(app, tmp_path):
 
     probs, overlay, info = client.predict(handle_file(_image(tmp_path)), "resnet18", "fc", "",
                                           api_name="/predict")
-    assert probs["label"] in ("infected", "normal")
+    assert probs["label"] in ("infected", "normal", UNCERTAIN)   # the answer at the model's operating point
+    assert f"### Prediction: **{probs['label']}**" in info
     assert abs(sum(c["confidence"] for c in probs["confidences"]) - 1) < 1e-4
     assert "not a diagnosis" in info and "trained from scratch" in info and "cpu" in info
     with Image.open(overlay) as im:
@@ -103,6 +96,34 @@ def test_compare_shows_every_trained_pair(app, tmp_path):
     assert "· fc" in gallery[0]["caption"]
 
 
+def test_a_flagged_prediction_does_not_get_a_confident_headline(app, tmp_path):
+    from covid_cls.synthetic import non_xray_images
+
+    _, client, _, _ = app
+    photo = tmp_path / "holiday.png"
+    non_xray_images(1, 200, seed=3)["colour_scene"][0].save(photo)
+    probs, overlay, info = client.predict(handle_file(str(photo)), "resnet18", "fc", "", api_name="/predict")
+    assert probs["label"] == UNCERTAIN                  # the label's headline, where a class would be
+    assert {c["label"] for c in probs["confidences"]} == {"infected", "normal"}   # probabilities still shown
+    assert f"### Prediction: **{UNCERTAIN}**" in info and "Why:" in info and "coloured" in info
+    assert "not a diagnosis" in info
+
+
+def test_evaluate_endpoint_on_the_demo_data_returns_metrics_with_cis(app):
+    import re
+
+    _, client, _, _ = app
+    name = client.predict(api_name="/models")[0]["file"]
+    table, sources, summary, roc, rc = client.predict(name, "synthetic demo set", "", None, "test",
+                                                      api_name="/evaluate")
+    assert table["headers"][:3] == ["split", "AUC [95% CI]", "sensitivity [95% CI]"]
+    [row] = table["data"]
+    assert row[0] == "test" and re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", row[1]), row
+    assert "of images flagged" in summary and "SYNTHETIC" in summary and roc is not None
+    with pytest.raises(Exception, match="outside the folders"):
+        client.predict(name, "server folder", "/etc", None, "test", api_name="/evaluate")
+
+
 def test_study_runs_each_pair_and_reports_a_table(app):
     _, client, settings, _ = app
     updates = list(client.submit("synthetic demo set", "", None, ["resnet18"], ["fc", "partial"], 1, 1e-3, "adam",
@@ -110,13 +131,16 @@ def test_study_runs_each_pair_and_reports_a_table(app):
     progress, plot, table, log = updates[-1]
     assert "done" in progress
     assert [(r[0], r[1]) for r in table["data"]] == [("resnet18", "fc"), ("resnet18", "partial")]
+    vs_fc = table["headers"].index("vs fc (paired, test)")
+    assert "[" in table["data"][0][table["headers"].index("test AUC [95% CI]")]
+    assert table["data"][0][vs_fc] == "–" and "p" in table["data"][1][vs_fc]   # partial tested against fc
     assert "run 1/2" in "".join(u[0] for u in updates) or "=== run 1/2" in log
     assert list((settings.runs / "studies").glob("*/study.csv"))
 
 
 def test_stop_ends_the_run_without_a_checkpoint(app):
     _, client, settings, _ = app
-    before = set(settings.checkpoints.glob("*.pt"))
+    before = set(settings.checkpoints.glob("*"))   # weights, cards, temporary files: nothing may be added
     # level full: seconds per epoch even at 64 px (fc on cached features could finish 50 epochs in a second,
     # before the second Start below is even sent)
     job = _train(client, epochs=50, level="full")
@@ -129,7 +153,7 @@ def test_stop_ends_the_run_without_a_checkpoint(app):
     assert "Stopping" in client.predict(api_name="/stop")
     last = job.result(timeout=60)
     assert "stopped" in last[0]
-    assert set(settings.checkpoints.glob("*.pt")) == before
+    assert set(settings.checkpoints.glob("*")) == before
 
 
 def test_bad_upload_is_a_clear_error(app, tmp_path):

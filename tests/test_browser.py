@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CXR_FULLRES
+from helpers import CXR_FULLRES, copy_checkpoint, launched_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.http, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):
@@ -26,20 +28,14 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, fc_checkpoint):
-    from covid_cls.ui import CSS, Settings, build_app
-    from test_app import _free_port
+    from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("browser")
     ck = root / "checkpoints"
-    ck.mkdir()
-    for src in (fc_checkpoint, fc_checkpoint.with_suffix(".json")):
-        shutil.copy(src, ck / src.name)
+    copy_checkpoint(fc_checkpoint, ck)
     settings = Settings(checkpoints=ck, runs=root / "runs", training=True, max_upload=50 * 2**20, roots_env="")
-    demo = build_app(settings)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    yield f"http://127.0.0.1:{port}", root
-    demo.close()
+    with launched_app(settings) as app:
+        yield app.url, root
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +82,27 @@ def test_upload_predict_shows_overlay_and_label(page, served, tmp_path):
     assert page.locator("#cc-overlay img").evaluate("img => img.naturalWidth") > 100
     assert page.get_by_text("Error").count() == 0
     _shot(page, "predict.png", tmp_path)
+
+
+def test_a_colour_photo_shows_uncertain_in_the_label_area(page, served, tmp_path):
+    from covid_cls.synthetic import non_xray_images
+
+    photo = tmp_path / "holiday.png"
+    non_xray_images(1, 200, seed=3)["colour_scene"][0].save(photo)
+    pg = page.context.new_page()   # a fresh session: nothing uploaded yet
+    try:
+        pg.goto(served[0], wait_until="domcontentloaded")
+        pg.get_by_role("button", name="Predict", exact=True).wait_for(timeout=60_000)
+        pg.locator("input[type=file]").first.set_input_files(str(photo))
+        pg.locator("#cc-preview img").wait_for(timeout=30_000)
+        pg.get_by_role("button", name="Predict", exact=True).click()
+        label = pg.locator("#cc-label")
+        label.get_by_text("uncertain — outside what this model was trained on").first.wait_for(timeout=60_000)
+        text = label.inner_text()
+        assert "uncertain" in text and "infected" in text and "normal" in text   # headline + probability bars
+        assert "Why:" in pg.locator("#cc-info").inner_text()
+    finally:
+        pg.close()
 
 
 def test_tiny_training_run_updates_the_plot(page, served, tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import threading
 import time
 from collections import Counter
@@ -25,10 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import small_config
+from helpers import copy_checkpoint, launched_app, small_config
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
+
+pytestmark = pytest.mark.slow   # trains two more models, then thousands of predictions
 
 FULL = os.environ.get("COVID_CLS_FULL_STRESS") == "1"
 THREADS = 16
@@ -43,8 +44,7 @@ def ckpt_dir(fc_checkpoint, demo_data, tmp_path_factory) -> Path:
     from covid_cls import fit
 
     out = tmp_path_factory.mktemp("concurrency_ckpts")
-    for p in (Path(fc_checkpoint), Path(fc_checkpoint).with_suffix(".json")):
-        shutil.copy(p, out / p.name)
+    copy_checkpoint(fc_checkpoint, out)
     for arch, level in MODELS[1:]:
         fit(small_config(demo_data, out, arch=arch, level=level, epochs=1))
     return out
@@ -149,26 +149,16 @@ def test_predictor_from_16_threads_matches_single_threaded(ckpt_dir, images):
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(ckpt_dir, demo_data, tmp_path_factory):
-    from covid_cls.ui import CSS, Settings, build_app
+    from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("concurrency_app")
     runs = root / "runs"
     shutil.copytree(demo_data, runs / "demo_data")   # the app's synthetic set, small: training starts fast
     settings = Settings(checkpoints=ckpt_dir, runs=runs, training=True, max_upload=50 * 2**20, roots_env="")
-    demo = build_app(settings)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    url = f"http://127.0.0.1:{port}"
-    yield url, settings
-    demo.close()
+    with launched_app(settings) as served:
+        yield served.url, settings
 
 
 def _http_predict(client, path: Path, arch: str, level: str):
@@ -228,6 +218,7 @@ def _hammer(url, ref, combos, images, n_threads, calls, seed0=0):
     return errors, mismatches, done, time.perf_counter() - t0
 
 
+@pytest.mark.http
 def test_http_predict_from_16_clients_matches_single_threaded(app, images, http_reference):
     url, _ = app
     combos = _combos(images)
@@ -240,10 +231,11 @@ def test_http_predict_from_16_clients_matches_single_threaded(app, images, http_
     assert not mismatches, mismatches[:5]
 
 
+@pytest.mark.http
 def test_predict_keeps_working_while_a_training_run_is_in_progress(app, images, http_reference):
     url, settings = app
     trainer = Client(url, verbose=False)
-    before = set(settings.checkpoints.glob("*.pt"))
+    before = set(settings.checkpoints.glob("*.safetensors"))
     job = trainer.submit("synthetic demo set", "", None, "resnet18", "full", 50, 1e-3, 16, "adam", "none", "ce",
                          "none", False, 64, 0, api_name="/train")
     deadline = time.time() + 180
@@ -263,4 +255,4 @@ def test_predict_keeps_working_while_a_training_run_is_in_progress(app, images, 
     assert "Stopping" in trainer.predict(api_name="/stop")
     last = job.result(timeout=120)
     assert "stopped" in last[0]
-    assert set(settings.checkpoints.glob("*.pt")) == before
+    assert set(settings.checkpoints.glob("*.safetensors")) == before

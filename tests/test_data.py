@@ -89,7 +89,8 @@ def test_eval_batch_shape_and_normalisation():
     u8 = torch.full((2, 1, 40, 40), 255, dtype=torch.uint8)
     x = eval_batch(u8, 32)
     assert x.shape == (2, 3, 32, 32)
-    assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(x[0, :, 0, 0], (1 - mean) / std)
 
 
 def test_train_batch_is_reproducible_and_random():

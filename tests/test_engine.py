@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import torch
 
 from covid_cls import DatasetError, TrainingError, TrainingStopped, fit, list_checkpoints, load_checkpoint
+from covid_cls import events as ev
 from covid_cls.engine import make_loss
-from conftest import small_config
+
+from helpers import small_config
 
 
 def test_fc_learns_the_synthetic_set_and_reports_all_metrics(fc_checkpoint):
-    ckpt = load_checkpoint(fc_checkpoint)
-    val = ckpt["metrics"]["validation"]
+    card = load_checkpoint(fc_checkpoint).card
+    val = card.metrics["validation"]
     assert val["auc"] >= 0.95
     for split in ("train", "validation", "test"):
         assert {"accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "ece", "confusion",
-                "n"} <= set(ckpt["metrics"][split])
-    assert ckpt["weights_origin"] == "scratch"
-    assert ckpt["classes"] == ["infected", "normal"] and ckpt["positive"] == "infected"
-    assert ckpt["best_epoch"] == max(range(1, 5), key=lambda e: (ckpt["history"][e - 1]["val"]["auc"],
-                                                                 -ckpt["history"][e - 1]["val"]["loss"]))
-    assert 0.05 <= ckpt["temperature"] <= 20
+                "n"} <= set(card.metrics[split])
+    assert card.weights_origin == "scratch"
+    assert card.classes == ["infected", "normal"] and card.positive == "infected"
+    assert card.best_epoch == max(range(1, 5), key=lambda e: (card.history[e - 1]["val"]["auc"],
+                                                              -card.history[e - 1]["val"]["loss"]))
+    assert 0.05 <= card.temperature <= 20
 
 
+@pytest.mark.slow
 def test_partial_level_learns_with_augmentation(demo_data, tmp_path):
     events = []
     path = fit(small_config(demo_data, tmp_path, level="partial", epochs=4, augment=True), on_event=events.append)
-    assert load_checkpoint(path)["metrics"]["validation"]["auc"] >= 0.95
-    kinds = [e["type"] for e in events]
+    assert load_checkpoint(path).card.metrics["validation"]["auc"] >= 0.95
+    kinds = [e.type for e in events]
     assert kinds.count("epoch") == 4 and kinds[-1] == "done" and "step" in kinds
-    ep = [e for e in events if e["type"] == "epoch"][0]
-    assert {"loss", "accuracy", "auc", "sensitivity", "specificity"} <= set(ep["val"])
+    ep = [e for e in events if isinstance(e, ev.Epoch)][0]
+    assert {"loss", "accuracy", "auc", "sensitivity", "specificity"} <= set(ep.val)
+    assert all(ev.from_dict(json.loads(json.dumps(e.to_dict()))) == e for e in events)   # JSON-safe events
+    assert "epoch 1/4" in ev.describe(ep) and "AUC" in ev.describe(ep)
 
 
 def test_stop_ends_the_run_and_saves_nothing(demo_data, tmp_path):
@@ -41,8 +47,8 @@ def test_stop_ends_the_run_and_saves_nothing(demo_data, tmp_path):
     seen = []
 
     def on_event(e):
-        seen.append(e["type"])
-        if e["type"] == "step":
+        seen.append(e.type)
+        if isinstance(e, ev.Step):
             stop.set()
 
     with pytest.raises(TrainingStopped):
@@ -60,7 +66,7 @@ def test_nan_loss_stops_with_a_clear_error(demo_data, tmp_path, monkeypatch):
     events = []
     with pytest.raises(TrainingError, match="loss became nan.*learning rate"):
         fit(small_config(demo_data, tmp_path), on_event=events.append)
-    assert events[-1]["type"] == "error" and "learning rate" in events[-1]["message"]
+    assert isinstance(events[-1], ev.Error) and "learning rate" in events[-1].message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -71,12 +77,13 @@ def test_bad_dataset_fails_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cpu_training_is_deterministic(demo_data, tmp_path):
     a = load_checkpoint(fit(small_config(demo_data, tmp_path / "a", level="partial", epochs=1)))
     b = load_checkpoint(fit(small_config(demo_data, tmp_path / "b", level="partial", epochs=1)))
-    for k in a["state_dict"]:
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    assert a["metrics"] == b["metrics"]
+    for k in a.state:
+        assert torch.equal(a.state[k], b.state[k]), k
+    assert a.card.metrics == b.card.metrics
 
 
 @pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
@@ -92,6 +99,7 @@ def test_losses_run_and_weight_the_rare_class(loss):
     assert torch.isfinite(l0) and l1 >= l0 if loss == "weighted_ce" else torch.isfinite(l1)
 
 
+@pytest.mark.slow
 def test_every_optimizer_and_schedule(demo_data, tmp_path):
     for opt, sched in [("sgd", "cosine"), ("adamw", "onecycle")]:
         path = fit(small_config(demo_data, tmp_path, epochs=1, optimizer=opt, schedule=sched))
@@ -104,7 +112,7 @@ def test_precision_is_decided_once_per_device(monkeypatch):
 
     cpu = torch.device("cpu")
     for native in (False, True):
-        monkeypatch.setattr("covid_cls.engine.cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr("covid_cls.runtime.cpu_has_native_bf16", lambda native=native: native)
         assert Runtime.create(cpu, "auto").bf16 is native     # emulated bf16 is slower than fp32: off
     assert Runtime.create(cpu, "fp32").bf16 is False and Runtime.create(cpu, "bf16").bf16 is True
     with pytest.raises(ValueError, match="unknown precision"):
@@ -118,14 +126,16 @@ def test_precision_is_decided_once_per_device(monkeypatch):
     assert isinstance(cpu_has_native_bf16.__wrapped__(), bool)   # reads /proc/cpuinfo where there is one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_both_precisions_learn_and_the_card_says_which(demo_data, tmp_path, precision):
     ckpt = load_checkpoint(fit(small_config(demo_data, tmp_path, level="partial", epochs=3, precision=precision)))
-    assert ckpt["precision"] == precision
-    assert ckpt["metrics"]["validation"]["auc"] >= 0.9
-    assert all(v.dtype != torch.bfloat16 for v in ckpt["state_dict"].values())   # weights stay fp32
+    assert ckpt.card.precision == precision
+    assert ckpt.card.metrics["validation"]["auc"] >= 0.9
+    assert all(v.dtype != torch.bfloat16 for v in ckpt.state.values())   # weights stay fp32
 
 
+@pytest.mark.slow
 def test_the_saved_model_is_the_best_epochs(demo_data, tmp_path, monkeypatch):
     """Validation AUC is forced to peak at epoch 1: the saved weights must be epoch 1's, not the last."""
     import covid_cls.engine as engine
@@ -144,6 +154,6 @@ def test_the_saved_model_is_the_best_epochs(demo_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "evaluate", evaluate)
     ckpt = load_checkpoint(fit(small_config(demo_data, tmp_path, level="partial", epochs=3, lr=3e-3)))
-    assert ckpt["best_epoch"] == 1
-    changed = [k for k in snap if not torch.equal(ckpt["state_dict"][k], snap[k])]
+    assert ckpt.card.best_epoch == 1
+    changed = [k for k in snap if not torch.equal(ckpt.state[k], snap[k])]
     assert changed == [], changed

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+from helpers import small_config
 
 N_TRIALS = int(os.environ.get("COVID_CLS_KILL_TRIALS", "10"))
 SEED = int(os.environ.get("COVID_CLS_FAULT_SEED", "5"))
@@ -45,14 +45,14 @@ def _registry_is_consistent(out: Path) -> list[dict]:
         return []
     leftovers = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
     assert not leftovers, f"temporary files left behind: {leftovers}"
-    orphans = sorted(p.name for p in out.glob("*.pt") if not card_path(p).exists())
+    orphans = sorted(p.name for p in [*out.glob("*.safetensors"), *out.glob("*.pt")] if not card_path(p).exists())
     assert not orphans, f"weights without a card left behind: {orphans}"
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # nothing in the folder may need skipping
         cards = list_checkpoints(out)
     for card in cards:
-        ckpt = load_checkpoint(card["path"])
-        assert ckpt["arch"] == card["arch"] and ckpt["state_dict"]
+        ckpt = load_checkpoint(card.path)
+        assert ckpt.card.arch == card.arch and ckpt.state
     return cards
 
 
@@ -170,6 +170,7 @@ def kill_setup(demo_data, tmp_path_factory):
     return JobManager(root / "runs"), out, cfg
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_leaves_a_working_manager_and_a_clean_registry(kill_setup):
     mgr, out, cfg = kill_setup
     rng = random.Random(SEED)
@@ -202,12 +203,13 @@ def test_sigkill_at_random_points_leaves_a_working_manager_and_a_clean_registry(
     assert sum(n for k, n in outcomes.items() if "failed" in k) >= N_TRIALS // 2, outcomes
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_checkpoint_is_being_written(kill_setup):
     """Deterministic: the kill lands while the weights are being written to their temporary file."""
     from covid_cls.checkpoints import list_checkpoints
 
     mgr, out, cfg = kill_setup
-    before = {c["file"] for c in list_checkpoints(out)}
+    before = {c.file for c in list_checkpoints(out)}
     run = mgr.start({**cfg, "epochs": 3})
     pid = mgr.pid
     caught = False
@@ -220,21 +222,22 @@ def test_sigkill_while_the_checkpoint_is_being_written(kill_setup):
     assert caught, f"never saw the checkpoint being written ({run.status}: {run.message})"
     mgr.wait(run.id, timeout=30)
     assert run.status == "failed" and "SIGKILL" in run.message, (run.status, run.message)
-    assert {c["file"] for c in _registry_is_consistent(out)} == before
+    assert {c.file for c in _registry_is_consistent(out)} == before
 
 
+@pytest.mark.slow
 def test_weights_whose_card_never_followed_are_removed_after_a_kill(kill_setup):
-    """A kill between the rename of the weights and the card leaves a complete ``.pt`` without a card (never
+    """A kill between the rename of the weights and the card leaves complete weights without a card (never
     listed, but disk space lost). The manager removes such files written during the dead run — and only
     those: an older card-less file is somebody else's business."""
     mgr, out, cfg = kill_setup
     out.mkdir(parents=True, exist_ok=True)
-    old = out / "resnet18-fc-older-orphan.pt"
+    old = out / "resnet18-fc-older-orphan.safetensors"
     old.write_bytes(b"an older orphan")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     run = mgr.start(cfg)
     pid = mgr.pid
-    fresh = out / "resnet18-fc-20990101-000000.pt"   # what a killed save would leave
+    fresh = out / "resnet18-fc-20990101-000000.safetensors"   # what a killed save would leave
     fresh.write_bytes(b"weights without their card")
     _wait_for(lambda: run.log, 60, "the worker's first event")
     assert _kill(mgr, pid)
@@ -246,6 +249,7 @@ def test_weights_whose_card_never_followed_are_removed_after_a_kill(kill_setup):
     _registry_is_consistent(out)
 
 
+@pytest.mark.slow
 def test_after_the_kills_a_new_run_trains_to_the_end(kill_setup):
     from covid_cls.checkpoints import list_checkpoints, load_model
 
@@ -253,9 +257,9 @@ def test_after_the_kills_a_new_run_trains_to_the_end(kill_setup):
     run = mgr.start({**cfg, "epochs": 2})
     mgr.wait(run.id, timeout=120)
     assert run.status == "done", (run.status, run.message)
-    assert Path(run.checkpoint).name in {c["file"] for c in list_checkpoints(out)}
+    assert Path(run.checkpoint).name in {c.file for c in list_checkpoints(out)}
     model, card = load_model(run.checkpoint)
-    assert card["arch"] == "resnet18" and card["level"] == "fc"
+    assert card.arch == "resnet18" and card.level == "fc"
     _registry_is_consistent(out)
     # Start right after "done": waits for the ending process instead of "already in progress".
     again = mgr.start({**cfg, "epochs": 1})
@@ -268,6 +272,7 @@ def test_after_the_kills_a_new_run_trains_to_the_end(kill_setup):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_event_cannot_hang_the_watcher(tmp_path, monkeypatch):
     import covid_cls.jobs as jobs
 
@@ -307,6 +312,7 @@ def test_stop_never_blocks_on_a_wedged_worker(tmp_path, monkeypatch):
     assert mgr.active() is None
 
 
+@pytest.mark.slow
 def test_a_restart_marks_the_running_run_interrupted_and_keeps_history(tmp_path, monkeypatch):
     import covid_cls.jobs as jobs
 
@@ -338,6 +344,7 @@ def test_a_restart_marks_the_running_run_interrupted_and_keeps_history(tmp_path,
     first.wait(running.id, timeout=30)
 
 
+@pytest.mark.slow
 def test_nan_loss_in_the_worker_fails_the_run_with_a_clear_message(demo_data, tmp_path, monkeypatch):
     import covid_cls.jobs as jobs
 
@@ -365,7 +372,7 @@ def test_nan_loss_in_process(demo_data, tmp_path, monkeypatch):
     events = []
     with pytest.raises(engine.TrainingError, match="loss became nan at epoch 1, step 2: training diverged"):
         fit(small_config(demo_data, tmp_path / "ckpt", level="partial", epochs=2), on_event=events.append)
-    assert events[-1]["type"] == "error" and "Lower the learning rate" in events[-1]["message"]
+    assert events[-1].type == "error" and "Lower the learning rate" in events[-1].message
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
@@ -383,7 +390,7 @@ def test_empty_class_folder_is_named_before_any_work(demo_data, tmp_path):
         fit(small_config(data, tmp_path / "ckpt"), on_event=events.append)
     msg = str(info.value)
     assert "train/normal/ contains no images" in msg, msg
-    assert events[-1]["type"] == "error" and "train/normal/ contains no images" in events[-1]["message"]
+    assert events[-1].type == "error" and "train/normal/ contains no images" in events[-1].message
     assert time.perf_counter() - t0 < 5   # found by the scan, before decoding or building a model
     assert not (tmp_path / "ckpt").exists()
 
@@ -393,24 +400,24 @@ def _disk_full(f):
     raise OSError(28, "No space left on device")
 
 
-def _disk_full_torch_save(obj, f, *_a, **_k):
-    _disk_full(f)
-
-
 def test_disk_full_while_writing_the_weights(demo_data, tmp_path, monkeypatch):
-    import torch
-
+    import covid_cls.checkpoints as checkpoints
     from covid_cls import fit
 
+    real = checkpoints.atomic_write
+
+    def failing_for_weights(path, write):
+        return real(path, _disk_full if str(path).endswith(".safetensors") else write)
+
     out = tmp_path / "ckpt"
-    monkeypatch.setattr(torch, "save", _disk_full_torch_save)
+    monkeypatch.setattr(checkpoints, "atomic_write", failing_for_weights)
     events = []
     with pytest.raises(OSError) as info:
         fit(small_config(demo_data, out, epochs=1), on_event=events.append)
     msg = str(info.value)
     assert "No space left on device" in msg and "could not save the checkpoint" in msg, msg
     assert "nothing was saved" in msg and "Free some disk space" in msg
-    assert events[-1]["type"] == "error" and "No space left on device" in events[-1]["message"]
+    assert events[-1].type == "error" and "No space left on device" in events[-1].message
     assert sorted(p.name for p in out.iterdir()) == []
 
 
@@ -452,8 +459,8 @@ def damaged_dir(fc_checkpoint, tmp_path):
         + data[len(data) // 2 + 64:],
     }
     for name, content in variants.items():
-        (tmp_path / f"{name}.pt").write_bytes(content)
-        (tmp_path / f"{name}.json").write_text(json.dumps({**card, "file": f"{name}.pt"}))
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        (tmp_path / f"{name}.json").write_text(json.dumps({**card, "file": f"{name}.safetensors"}))
     return tmp_path
 
 
@@ -462,15 +469,16 @@ def test_listing_skips_truncated_checkpoints_with_a_warning(damaged_dir):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        files = sorted(c["file"] for c in list_checkpoints(damaged_dir))
+        files = sorted(c.file for c in list_checkpoints(damaged_dir))
     # same size, different bytes: only loading can tell (below)
-    assert files == ["bit-flipped.pt", "good.pt"]
+    assert files == ["bit-flipped.safetensors", "good.safetensors"]
     skipped = sorted(str(w.message).split(":")[0] for w in caught if "skipping" in str(w.message))
-    assert skipped == ["skipping cut-last-byte.pt", "skipping empty.pt", "skipping truncated.pt"]
+    assert skipped == ["skipping cut-last-byte.safetensors", "skipping empty.safetensors",
+                       "skipping truncated.safetensors"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         best = best_checkpoint(damaged_dir, "resnet18", "fc")
-    assert best in (damaged_dir / "good.pt", damaged_dir / "bit-flipped.pt")
+    assert best in (damaged_dir / "good.safetensors", damaged_dir / "bit-flipped.safetensors")
 
 
 @pytest.mark.parametrize("name", ["truncated", "cut-last-byte", "empty", "bit-flipped"])
@@ -481,8 +489,26 @@ def test_predictor_gives_a_clear_error_for_a_damaged_checkpoint(damaged_dir, nam
 
     image = synthetic_xray(96, infected=True, seed=1)[0]
     pred = Predictor(damaged_dir)
-    with pytest.raises(CheckpointError, match=f"{name}.pt: it is corrupt or truncated"):
-        pred.predict(image, checkpoint=damaged_dir / f"{name}.pt")
+    with pytest.raises(CheckpointError, match=f"{name}.safetensors: it is corrupt or truncated"):
+        pred.predict(image, checkpoint=damaged_dir / f"{name}.safetensors")
     assert pred.loaded() == []
-    good = pred.predict(image, checkpoint=damaged_dir / "good.pt")
+    good = pred.predict(image, checkpoint=damaged_dir / "good.safetensors")
     assert abs(sum(good.probs.values()) - 1) < 1e-5
+
+
+def test_a_damaged_best_checkpoint_falls_back_to_the_next_valid_one(damaged_dir):
+    """An altered file whose card claims the best AUC must not break the default prediction (issue 11 #14)."""
+    from covid_cls import Predictor
+    from covid_cls.synthetic import synthetic_xray
+
+    card = json.loads((damaged_dir / "bit-flipped.json").read_text())
+    card["metrics"]["validation"]["auc"] = 1.5            # "best" by its own claim
+    (damaged_dir / "bit-flipped.json").write_text(json.dumps(card))
+    image = synthetic_xray(96, infected=True, seed=1)[0]
+    pred = Predictor(damaged_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = pred.predict(image)                           # default: best for resnet18 · fc
+        again = pred.predict(image)
+    assert Path(p.checkpoint).name == "good.safetensors" == Path(again.checkpoint).name
+    assert sum("skipping bit-flipped" in str(w.message) for w in caught) == 1   # remembered, not retried

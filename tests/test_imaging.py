@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import time
 import tracemalloc
 import warnings
-import zipfile
-import zlib
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -29,100 +25,24 @@ from covid_cls.imaging import (
     load_image,
 )
 
-SECRET = "SECRET^NAME"
-SECRET_ID = "SECRET-ID-4711"
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr-fullres"
+from helpers import (
+    CXR_FULLRES,
+    REJECTS,
+    SECRET,
+    SECRET_ID,
+    dicom_rejections,
+    encode,
+    make_dicom,
+    noise,
+    png_declaring,
+    ramp,
+)
 
+REAL_DIR = CXR_FULLRES
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Helpers (the byte-level builders live in tests/helpers.py, shared with test_bad_inputs / test_unsafe)
 # ---------------------------------------------------------------------------------------------
-
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def ramp(h: int, w: int, lo: float, hi: float, dtype=np.float32) -> np.ndarray:
-    """Horizontal ramp from lo to hi (every row identical)."""
-    row = np.linspace(lo, hi, w)
-    return np.tile(row, (h, 1)).astype(dtype)
-
-
-def noise(h: int, w: int, channels: int | None = None, seed: int = 0) -> np.ndarray:
-    shape = (h, w) if channels is None else (h, w, channels)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
-    )
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A syntactically valid PNG whose IHDR claims width×height 8-bit gray, with a tiny IDAT.
-
-    Decoding it for real would allocate width*height bytes: a decompression bomb."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def make_dicom(
-    arr: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    transfer_syntax: str | None = None,
-    pixel_data: bytes | None = None,
-    frames: int | None = None,
-    rows_cols: tuple[int, int] | None = None,
-    **tags,
-) -> bytes:
-    """Build a DICOM Part 10 file (with preamble) in memory. arr: (rows, cols) or (f, rows, cols)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray, for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = SECRET
-    ds.PatientID = SECRET_ID
-    ds.Modality = "DX"
-    if arr is not None or rows_cols is not None:
-        bits = 8 if arr is None or arr.dtype == np.uint8 else 16
-        rows, cols = rows_cols if rows_cols is not None else arr.shape[-2:]
-        ds.Rows, ds.Columns = int(rows), int(cols)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = bits
-        ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = 0
-        if frames is not None:
-            ds.NumberOfFrames = frames
-        ds.PixelData = pixel_data if pixel_data is not None else arr.tobytes()
-        ds["PixelData"].VR = "OB" if bits == 8 else "OW"
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 @pytest.fixture(params=["bytes", "path"])
@@ -378,41 +298,13 @@ def test_dicom_without_preamble_is_read_by_extension(tmp_path):
     rejection(bare)
 
 
-def _dicom_rejections() -> dict[str, tuple[bytes, str]]:
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEG2000Lossless
-
-    good = make_dicom(ramp(16, 16, 0, 255, np.uint8))
-    return {
-        "no-pixel-data": (make_dicom(None), "no pixel data"),
-        "jpeg2000-garbage": (
-            make_dicom(
-                None,
-                rows_cols=(16, 16),
-                transfer_syntax=JPEG2000Lossless,
-                pixel_data=encapsulate([b"not a codestream " * 4]),
-            ),
-            "jpeg 2000",
-        ),
-        "truncated-pixel-data": (
-            make_dicom(None, rows_cols=(64, 64), pixel_data=b"\x01\x02" * 100),
-            "corrupt",
-        ),
-        "huge-declared-size": (
-            make_dicom(None, rows_cols=(20000, 20000), pixel_data=b"\x00" * 64),
-            "60 megapixels",
-        ),
-        "garbage-after-dicm": (good[:132] + b"\xff\x13" * 40, "dicom"),
-    }
-
-
 @pytest.mark.parametrize(
     "case",
     ["no-pixel-data", "jpeg2000-garbage", "truncated-pixel-data", "huge-declared-size",
      "garbage-after-dicm"],
 )
 def test_dicom_rejections_are_clear_and_private(feed, case):
-    data, expected = _dicom_rejections()[case]
+    data, expected = dicom_rejections()[case]
     t0 = time.perf_counter()
     err = rejection(feed(data, "study.dcm"))
     assert time.perf_counter() - t0 < 1.0
@@ -439,36 +331,7 @@ def test_jpeg2000_message_says_compressed():
 # ---------------------------------------------------------------------------------------------
 
 
-def _truncated(fmt: str, keep: float) -> bytes:
-    full = encode(Image.fromarray(noise(64, 64, 3, seed=3)), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return full[: int(len(full) * keep)]
-
-
-def _zip_bytes() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("scan.png", b"not really")
-    return buf.getvalue()
-
-
-# name -> (data, file name when fed as a path, substring expected in the lower-cased message)
-REJECTS: dict[str, tuple[Callable[[], bytes], str, str]] = {
-    "zero-bytes": (lambda: b"", "empty.png", "empty"),
-    "random-bytes": (lambda: bytes([7]) + noise(1, 4096, seed=4).tobytes(), "rand.png", "not an image"),
-    "text": (lambda: b"patient x-ray report\nno findings\n" * 20, "notes.png", "text"),
-    "html": (lambda: b"<!DOCTYPE html><html><body>Forbidden</body></html>", "x.png", "html"),
-    "svg": (lambda: b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "x.png", "svg"),
-    "pdf": (lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n" + bytes(200), "scan.png", "pdf"),
-    "zip-renamed": (_zip_bytes, "scan.png", "zip"),
-    "truncated-png": (lambda: _truncated("PNG", 0.5), "cut.png", "truncated"),
-    "truncated-png-header": (lambda: encode(Image.new("L", (9, 9)), "PNG")[:20], "cut.png", "truncated"),
-    "truncated-jpeg": (lambda: _truncated("JPEG", 0.6), "cut.jpg", "truncated"),
-    "1x1": (lambda: encode(Image.new("L", (1, 1), 128), "PNG"), "tiny.png", "8×8"),
-    "3x3000": (lambda: encode(Image.new("L", (3, 3000), 128), "PNG"), "thin.png", "3×3000"),
-    "bomb-100000x100000": (lambda: png_declaring(100_000, 100_000), "bomb.png", "too large"),
-    "over-pixel-limit-8000x8000": (lambda: png_declaring(8000, 8000), "big.png", "60 megapixels"),
-    "pil-warning-range-10000x9000": (lambda: png_declaring(10_000, 9000), "big.png", "too large"),
-}
+# REJECTS (helpers.py): name -> (data, file name when fed as a path, substring expected in the message)
 
 
 @pytest.mark.parametrize("case", list(REJECTS))
@@ -623,3 +486,138 @@ def test_real_files(path):
     assert out.mode == "L"
     assert out.size == expected
     assert np.asarray(out).std() > 5  # a real radiograph, not a blank
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural pre-checks and the lean conversions (issue 11): what real files have still passes,
+# and the table-based 16-bit/DICOM scaling is bit-identical to the float arithmetic it replaces
+# ---------------------------------------------------------------------------------------------
+
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+from covid_cls import imaging  # noqa: E402
+
+from helpers import png_chunk  # noqa: E402
+
+
+def _float_reference(values: np.ndarray) -> np.ndarray:
+    """The min–max scaling exactly as before the look-up table: float32 over the whole array."""
+    a = np.array(values, dtype=np.float32, copy=True)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.where(np.isposinf(a), hi, np.where(finite, a, lo)).astype(np.float32)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    a -= lo
+    a *= 255.0 / (hi - lo)
+    np.clip(a, 0, 255, out=a)
+    return np.rint(a).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype,lo,hi", [(np.uint8, 3, 250), (np.uint16, 0, 65535), (np.uint16, 1000, 1300),
+                                         (np.int16, -32768, 32767), (np.int16, -1024, 3071), (np.int8, -100, 90)])
+def test_table_scaling_is_identical_to_the_float_path(dtype, lo, hi):
+    rng = np.random.default_rng(int(hi - lo))
+    arr = rng.integers(lo, hi + 1, (300, 301), endpoint=False).astype(dtype)
+    arr[0, 0], arr[-1, -1] = lo, hi
+    np.testing.assert_array_equal(imaging._minmax_to_uint8(arr), _float_reference(arr))
+    # An element-wise transform (here a non-monotonic one) through the table, and inverted.
+    def wave(x):
+        return np.sin(x.astype(np.float64) / 97.0) * 1000.0
+
+    np.testing.assert_array_equal(imaging._through_table(arr, wave), _float_reference(wave(arr)))
+    np.testing.assert_array_equal(imaging._through_table(arr, wave, invert=True), 255 - _float_reference(wave(arr)))
+    # A gap in the values the image uses (the range comes from used values only).
+    sparse = np.where(arr > (int(lo) + int(hi)) // 2, arr, dtype(lo)).astype(dtype)
+    np.testing.assert_array_equal(imaging._through_table(sparse, wave), _float_reference(wave(sparse)))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_dicom_windowing_through_the_table_matches_pydicom_on_the_full_array(signed):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    rng = np.random.default_rng(5)
+    arr = rng.integers(-2000 if signed else 0, 3000, (64, 80)).astype(np.int16 if signed else np.uint16)
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        data = make_dicom(arr, photometric=photometric, RescaleSlope=1.5, RescaleIntercept=-1024,
+                          WindowCenter=300, WindowWidth=1500, PixelRepresentation=int(signed))
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ref = _float_reference(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0))
+        if photometric == "MONOCHROME1":
+            ref = 255 - ref
+        np.testing.assert_array_equal(arr_of(load_image(data)), ref)
+
+
+def test_jpeg_walk_accepts_restart_markers_fill_bytes_and_metadata():
+    im = Image.fromarray(noise(64, 64, 3, seed=8))
+    with_rst = encode(im, "JPEG", restart_marker_blocks=2, quality=90)
+    assert with_rst.count(b"\xff\xdd") == 1
+    sos = with_rst.index(b"\xff\xda")
+    padded = with_rst[:sos] + b"\xff" * 7 + with_rst[sos:]      # fill bytes before a marker are legal
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 60_000                                  # a big but normal APP1
+    for data in (with_rst, padded, encode(im, "JPEG", exif=exif.tobytes(), icc_profile=b"\0" * 200_000)):
+        imaging._check_jpeg_structure(data)
+        assert load_image(data).size == (64, 64)
+
+
+def test_png_walk_accepts_many_idat_chunks():
+    # Row-per-IDAT encoders exist: 3000 pixel-data chunks are fine.
+    rows = noise(3000, 40, seed=4)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    comp = zlib.compress(raw)
+    step = -(-len(comp) // 3000)
+    idats = b"".join(png_chunk(b"IDAT", comp[i:i + step]) for i in range(0, len(comp), step))
+    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 3000, 8, 0, 0, 0, 0))
+            + idats + png_chunk(b"IEND", b""))
+    assert data.count(b"IDAT") >= 2000
+    np.testing.assert_array_equal(arr_of(load_image(data)), rows)
+
+
+def test_a_huge_rgba_png_is_refused_for_its_memory_before_decoding():
+    # 7000×7000 RGBA is under the 60-megapixel limit but would need ~470 MB to decode and convert.
+    ihdr = struct.pack(">IIBBBBB", 7000, 7000, 8, 6, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+    tracemalloc.start()
+    try:
+        msg = str(rejection(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "7000×7000" in msg and "memory" in msg and "448 MB" in msg, msg
+    assert peak < 5 * 2**20
+
+
+def test_implicit_vr_dicom_is_walked_and_decoded():
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    pixels = ramp(16, 24, 0, 255, np.uint8)
+    data = make_dicom(pixels, transfer_syntax=ImplicitVRLittleEndian)
+    np.testing.assert_array_equal(arr_of(load_image(data)), pixels)
+    start = imaging._read_file_meta(data)[0]
+    flood = b"".join(struct.pack("<HHI", 0x0009, e, 0) for e in range(1, 60_001))
+    msg = str(rejection(data[:start] + flood + data[start:]))
+    assert "data elements" in msg
+
+
+def test_deflated_dicom_is_inflated_under_the_cap_and_damage_is_named():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = ramp(16, 16, 0, 255, np.uint8)
+    data = make_dicom(pixels, transfer_syntax=DeflatedExplicitVRLittleEndian)   # pydicom deflates it
+    np.testing.assert_array_equal(arr_of(load_image(data)), pixels)
+    start = imaging._read_file_meta(data)[0]
+    msg = str(rejection(data[:start] + b"\xff" * 64))
+    assert "deflated" in msg and "damaged" in msg, msg
+
+
+@pytest.mark.parametrize("mode,channels", [("RGBA", 4), ("LA", 2)])
+def test_band_wise_compositing_is_identical(mode, channels):
+    im = Image.fromarray(noise(800, 3000, channels, seed=11), mode)   # 3 bands of ~1 MP
+    full = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA")).convert("L")
+    np.testing.assert_array_equal(np.asarray(imaging._composite_over_black_to_l(im)), np.asarray(full))

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from covid_cls import ARCHS, LEVELS, WeightsUnavailable, build_model
-from covid_cls.models import get_head, trainable_roots
+from covid_cls.models import trainable_roots
+
+from helpers import arch_params
 
 _BUILT: dict = {}
 
@@ -28,15 +30,15 @@ def expected_trainable(model: nn.Module, arch: str, level: str) -> set[str]:
     if level == "full":
         return set(names)
     if arch == "resnet18":
-        prefixes = ("fc.",) if level == "fc" else ("fc.", "layer4.")
+        prefixes = ("head.",) if level == "fc" else ("head.", "backbone.layer4.")
     else:
-        prefixes = ("classifier.6.",) if level == "fc" else ("classifier.",) + tuple(
-            f"features.{i}." for i in range(24, 31))
+        prefixes = ("head.",) if level == "fc" else ("head.", "backbone.classifier.") + tuple(
+            f"backbone.features.{i}." for i in range(24, 31))
     return {n for n in names if n.startswith(prefixes)}
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", arch_params(ARCHS))
 def test_gradient_flow_matches_level(arch, level):
     model = model_for(arch, level)
     model.zero_grad(set_to_none=True)
@@ -61,17 +63,20 @@ def test_trainable_batchnorm_does_update_in_full():
     """The counterpart of the frozen-BN check: at level full the statistics must move."""
     model = model_for("resnet18", "full")
     model.train()
-    before = model.bn1.running_mean.clone()
+    before = model.backbone.bn1.running_mean.clone()
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
-    assert not torch.equal(before, model.bn1.running_mean)
+    assert not torch.equal(before, model.backbone.bn1.running_mean)
 
 
 @pytest.mark.parametrize("arch,slot,in_features", [("resnet18", "fc", 512), ("vgg16", "classifier.6", 4096)])
 def test_head_shape_and_place(arch, slot, in_features):
+    """torchvision's last Linear is gone (Identity), our head follows the backbone's own forward."""
     model = model_for(arch, "fc")
-    head = model.get_submodule(slot)
-    assert head is get_head(model, arch)
+    head = model.head
+    assert isinstance(model.backbone.get_submodule(slot), nn.Identity)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(2, 3, 64, 64)).shape == (2, in_features)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(in_features, 4300), (4300, 2)]
     assert any(isinstance(m, nn.ReLU) for m in head.modules())
@@ -86,9 +91,9 @@ def test_every_head_layer_is_used():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(x).clone()
-        model.fc[0].weight.mul_(2)
+        model.head[3].weight.mul_(2)
         after = model(x)
-        model.fc[0].weight.div_(2)
+        model.head[3].weight.div_(2)
     assert not torch.allclose(before, after)
 
 
@@ -107,8 +112,8 @@ def test_auto_weights_offline_fall_back_and_say_so(monkeypatch, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build_model("resnet18", "fc", weights="auto")
-    assert model.covid_meta["weights_origin"] == "scratch"
-    assert "FROM SCRATCH" in model.covid_meta["weights_note"]
+    assert model.weights_origin == "scratch" and model.base_weights == {}
+    assert "FROM SCRATCH" in model.weights_note
     assert any("FROM SCRATCH" in str(w.message) for w in caught)
     with pytest.raises(WeightsUnavailable, match="TORCH_HOME"):
         # explicit "imagenet" must not silently fall back; an unreachable host fails fast here
@@ -132,10 +137,11 @@ def test_auto_weights_use_the_torch_hub_cache(monkeypatch, tmp_path):
     target.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), target)
     model = build_model("resnet18", "partial", weights="auto")
-    assert model.covid_meta["weights_origin"] == "imagenet"
-    assert torch.equal(model.conv1.weight, reference.conv1.weight)
-    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
-    assert model.fc[0].in_features == 512
+    assert model.weights_origin == "imagenet"
+    assert model.base_weights["name"] == "ResNet18_Weights.IMAGENET1K_V1" and len(model.base_weights["sha256"]) == 64
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert model.head[0].in_features == 512
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
@@ -145,10 +151,23 @@ def test_weights_from_a_state_dict_file(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
     model = build_model("resnet18", "fc", weights=path)
-    assert model.covid_meta["weights_origin"] == "file"
-    assert torch.equal(model.layer1[0].conv1.weight, ref.layer1[0].conv1.weight)
+    assert model.weights_origin == "file"
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, ref.layer1[0].conv1.weight)
 
 
 def test_trainable_roots_cover_full():
     assert trainable_roots("vgg16", "full") == ("",)
-    assert "layer4" in trainable_roots("resnet18", "partial")
+    assert trainable_roots("resnet18", "partial") == ("backbone.layer4", "head")
+
+
+def test_model_owns_its_structure_without_patching():
+    """The level lives in the model (no methods set on an instance) and can change in place."""
+    model = build_model("resnet18", "fc", weights="none")
+    assert "train" not in vars(model) and model.level == "fc"
+    model.set_level("partial")
+    assert {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone")} \
+        == {"layer4"}
+    model.train()
+    assert model.backbone.layer4.training and not model.backbone.layer3.training
+    assert set(model.trained_state_dict()) == {k for k in model.state_dict()
+                                              if k.startswith(("backbone.layer4.", "head."))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -36,11 +37,12 @@ def test_cheap_checks():
 
 def test_checkpoint_carries_ood_statistics(fc_checkpoint):
     ck = load_checkpoint(fc_checkpoint)
-    feats = ck["ood_stats"]["features"]
+    feats = ck.ood_stats["features"]
     assert feats["means"].shape == (2, 512) and feats["precision"].shape == (512, 512)
-    assert ck["ood"]["features"]["threshold"] > 0 and ck["ood"]["layout"]["threshold"] > 0
+    assert ck.card.ood["features"]["threshold"] > 0 and ck.card.ood["layout"]["threshold"] > 0
 
 
+@pytest.mark.slow
 def test_xrays_pass_and_non_xrays_are_flagged(fc_checkpoint, demo_data):
     pred = Predictor(fc_checkpoint.parent)
     xrays = sorted((demo_data / "test").rglob("*.png"))

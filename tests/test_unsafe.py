@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import stat
 import struct
 import zipfile
@@ -24,10 +23,11 @@ import torch
 from PIL import Image
 
 from covid_cls.safety import UnsafePath, check_allowed, safe_extract_zip
-from test_imaging import SECRET, SECRET_ID, make_dicom, ramp
+
+from helpers import SECRET, SECRET_ID, copy_checkpoint, launched_app, make_dicom, ramp
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 GENERIC_SERVER_ERROR = "upstream Gradio app has raised an exception"
@@ -61,12 +61,6 @@ def _png(seed: int = 0, size: int = 96) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _copy_dataset(src: Path, dst: Path, per_class: int = 3) -> Path:
     for split in ("train", "validation", "test"):
         for cls in ("infected", "normal"):
@@ -81,39 +75,34 @@ def _copy_dataset(src: Path, dst: Path, per_class: int = 3) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch(settings):
-    from covid_cls.ui import CSS, build_app
-
-    demo = build_app(settings)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True,
-                max_file_size=settings.max_upload)
-    return demo, Client(f"http://127.0.0.1:{port}", verbose=False)
-
-
 @pytest.fixture(scope="module")
-def env(fc_checkpoint, demo_data, tmp_path_factory):
-    from covid_cls.ui import Settings
-
+def roots(demo_data, tmp_path_factory):
+    """The folders only: an allowed root (with symlinks pointing in and out) and a folder outside it."""
     root = tmp_path_factory.mktemp("unsafe")
-    mp = pytest.MonkeyPatch()
-    gtmp = root / "gradio_tmp"
-    mp.setenv("GRADIO_TEMP_DIR", str(gtmp))   # read by Gradio when the Blocks and the server are created
     allowed, outside = root / "allowed", root / "outside"
     _copy_dataset(demo_data, allowed / "data")
     _copy_dataset(demo_data, outside / "secret")
     (allowed / "link-out").symlink_to(outside / "secret", target_is_directory=True)
     (allowed / "link-in").symlink_to(allowed / "data", target_is_directory=True)
+    return SimpleNamespace(root=root, allowed=allowed, outside=outside)
+
+
+@pytest.fixture(scope="module")
+def env(fc_checkpoint, demo_data, roots):
+    """The app on those folders, training on."""
+    from covid_cls.ui import Settings
+
+    root, allowed, outside = roots.root, roots.allowed, roots.outside
+    mp = pytest.MonkeyPatch()
+    gtmp = root / "gradio_tmp"
+    mp.setenv("GRADIO_TEMP_DIR", str(gtmp))   # read by Gradio when the Blocks and the server are created
     ckpts = root / "checkpoints"
-    ckpts.mkdir()
-    for p in (Path(fc_checkpoint), Path(fc_checkpoint).with_suffix(".json")):
-        shutil.copy(p, ckpts / p.name)
+    copy_checkpoint(fc_checkpoint, ckpts)
     settings = Settings(checkpoints=ckpts, runs=root / "runs", training=True, max_upload=50 * 2**20,
                         roots_env=str(allowed))
-    demo, client = _launch(settings)
-    yield SimpleNamespace(root=root, client=client, settings=settings, gtmp=gtmp, allowed=allowed,
-                          outside=outside, demo=demo, demo_data=demo_data)
-    demo.close()
+    with launched_app(settings, max_file_size=settings.max_upload) as app:
+        yield SimpleNamespace(root=root, client=app.client(), settings=settings, gtmp=gtmp, allowed=allowed,
+                              outside=outside, demo=app.demo, demo_data=demo_data)
     mp.undo()
 
 
@@ -124,9 +113,8 @@ def off(tmp_path_factory):
     root = tmp_path_factory.mktemp("training_off")
     settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False,
                         max_upload=50 * 2**20, roots_env="")
-    demo, client = _launch(settings)
-    yield SimpleNamespace(root=root, client=client, settings=settings, demo=demo)
-    demo.close()
+    with launched_app(settings, max_file_size=settings.max_upload) as app:
+        yield SimpleNamespace(root=root, client=app.client(), settings=settings, demo=app.demo)
 
 
 def _app_error(call) -> str:
@@ -148,7 +136,7 @@ def test_pickled_checkpoint_is_refused_by_the_predictor(tmp_path):
 
     marker = tmp_path / "code-ran"
     evil = _evil_checkpoint(tmp_path, "evil.pt", marker)
-    assert [c["file"] for c in list_checkpoints(tmp_path)] == ["evil.pt"]   # it looks like a checkpoint
+    assert [c.file for c in list_checkpoints(tmp_path)] == ["evil.pt"]   # it looks like a checkpoint
     with pytest.raises(CheckpointError, match="refusing to load evil.pt"):
         Predictor(tmp_path).predict(_png(), "vgg16", "partial")
     with pytest.raises(CheckpointError, match="refusing"):
@@ -159,6 +147,7 @@ def test_pickled_checkpoint_is_refused_by_the_predictor(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.http
 def test_pickled_checkpoint_is_refused_through_the_app(env):
     marker = env.root / "code-ran-via-app"
     _evil_checkpoint(env.settings.checkpoints, "evil.pt", marker)
@@ -177,6 +166,7 @@ def test_pickled_checkpoint_is_refused_through_the_app(env):
             p.unlink()
 
 
+@pytest.mark.http
 @pytest.mark.parametrize("how", ["dotdot", "absolute"])
 def test_checkpoint_names_cannot_reach_other_folders(env, fc_checkpoint, how):
     """The dropdown accepts custom values, so a client can send any string as the checkpoint."""
@@ -217,22 +207,23 @@ def _fill(template: str, env) -> str:
 
 
 @pytest.mark.parametrize("case", list(REFUSED_CASES))
-def test_check_allowed_refuses(env, case):
+def test_check_allowed_refuses(roots, case):
     from covid_cls.safety import allowed_roots
 
     template, expected = REFUSED_CASES[case]
     with pytest.raises(UnsafePath, match=expected):
-        check_allowed(_fill(template, env), allowed_roots(str(env.allowed)))
+        check_allowed(_fill(template, roots), allowed_roots(str(roots.allowed)))
 
 
 @pytest.mark.parametrize("case", list(ALLOWED_CASES))
-def test_check_allowed_accepts(env, case):
+def test_check_allowed_accepts(roots, case):
     from covid_cls.safety import allowed_roots
 
-    got = check_allowed(env.allowed / ALLOWED_CASES[case], allowed_roots(str(env.allowed)))
-    assert got.is_relative_to(env.allowed.resolve()) and got.is_dir()
+    got = check_allowed(roots.allowed / ALLOWED_CASES[case], allowed_roots(str(roots.allowed)))
+    assert got.is_relative_to(roots.allowed.resolve()) and got.is_dir()
 
 
+@pytest.mark.http
 def test_scan_endpoint_enforces_the_roots(env):
     for case, (template, expected) in REFUSED_CASES.items():
         msg = _app_error(lambda: env.client.predict("server folder", _fill(template, env), None, api_name="/scan"))
@@ -359,6 +350,7 @@ def test_good_zip_is_extracted_and_unwrapped(tmp_path, demo_data):
     assert again == root and len(list(root.rglob("*.png"))) == 12
 
 
+@pytest.mark.http
 def test_scan_endpoint_refuses_hostile_zips_and_keeps_nothing(env):
     uploads = env.settings.uploads
     for case in ("dotdot", "symlink", "zip bomb", "bad crc", "not a zip"):
@@ -409,6 +401,7 @@ def _call_raw(env, api: str, data: list) -> tuple[str, object]:
     return kind, payload
 
 
+@pytest.mark.http
 def test_uploads_land_in_our_temp_dir_and_are_deleted_after_use(env):
     png = env.root / "upload-me.png"
     data = _png(seed=11)
@@ -435,6 +428,7 @@ def test_uploads_land_in_our_temp_dir_and_are_deleted_after_use(env):
     assert _copies_of(bad.read_bytes(), env.gtmp) == []
 
 
+@pytest.mark.http
 def test_zip_upload_is_deleted_and_scan_then_start_still_finds_it(env, demo_data):
     """In the browser the File component sends the same (by then deleted) upload again on Start."""
     z = env.root / "dataset.zip"
@@ -452,6 +446,7 @@ def test_zip_upload_is_deleted_and_scan_then_start_still_finds_it(env, demo_data
     assert kind == "error"
 
 
+@pytest.mark.http
 def test_zip_upload_is_deleted_even_when_another_source_is_picked(env, demo_data):
     z = env.root / "unused.zip"
     z.write_bytes(_dataset_zip(demo_data, wrapper="unused"))
@@ -464,6 +459,7 @@ def test_zip_upload_is_deleted_even_when_another_source_is_picked(env, demo_data
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.http
 def test_dicom_tags_never_appear_in_predict_output_or_errors(env):
     from pydicom.uid import JPEGLSLossless
 
@@ -496,6 +492,7 @@ def test_dicom_tags_never_appear_in_predict_output_or_errors(env):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.http
 def test_training_off_refuses_train_study_scan_and_demo_and_says_why(off, demo_data):
     c = off.client
     train_args = ["synthetic demo set", "", None, "resnet18", "fc", 1, 1e-3, 16, "adam", "none", "ce", "none",

@@ -1,0 +1,160 @@
+"""Predict tab: an upload -> calibrated probabilities, the Grad-CAM overlay and the model's card."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from .common import (  # bounded session state (issue 11 #2)
+    BEST,
+    DISCLAIMER,
+    STATE_TTL_S,
+    card_markdown,
+    file_name,
+    option,
+    read_upload,
+    reblend_state,
+    session_copy,
+    slider_state,
+    unique_image,
+    user_errors,
+)
+from .services import Services
+
+if TYPE_CHECKING:
+    from ..predictor import Prediction
+
+
+def checkpoint_choices(svc: Services, arch: str, level: str):
+    """Checkpoint dropdown for (arch, level), the "no model yet" note, and whether to offer the quick demo."""
+    from .train import quick_demo_title
+
+    names = [file_name(c) for c in svc.cards(arch, level)]
+    note = "" if names else (f"No trained model for **{arch} · {level}** yet. Train one in the Train tab, or "
+                             f"press **Train quick demo model** ({quick_demo_title()} on synthetic data, about a "
+                             "minute on a CPU).")
+    return (gr.update(choices=[BEST] + names, value=BEST), note,
+            gr.update(visible=not names and svc.settings.training))
+
+
+@user_errors
+def upload_preview(svc: Services, path: str | None):
+    """On upload: decode once, keep the image in the session, delete the file, show a preview."""
+    from ..imaging import load_image_bounded
+
+    if not path:
+        return None, None
+    if not Path(path).exists():   # a Predict click already consumed (and deleted) the upload
+        return gr.skip(), gr.skip()
+    img = session_copy(load_image_bounded(read_upload(path, svc.settings.max_upload)))   # <= 1024 px (#2)
+    return img, {"name": Path(path).name, "image": img}
+
+
+def session_image(svc: Services, path: str | None, session: dict | None):
+    """The image to use: the one decoded at upload time when this is (still) that upload, else the file."""
+    if session and (not path or (Path(path).name == session.get("name") and not Path(path).exists())):
+        return session["image"]
+    return read_upload(path, svc.settings.max_upload)
+
+
+@user_errors
+def predict(svc: Services, path: str | None, arch: str, level: str, checkpoint: str | None,
+            session: dict | None = None):
+    """-> (headline, probabilities) for the label, overlay, info markdown, the state the opacity slider
+    re-blends from. The headline is "uncertain — ..." when the model abstains (``headline``)."""
+    image = session_image(svc, path, session)
+    p = svc.predict(image, arch, level, None if not checkpoint or checkpoint == BEST else checkpoint)
+    state = slider_state(p, Path(path).name if path else session.get("name"))   # bounded (issue 11 #2)
+    return headline(p), unique_image(p.overlay), prediction_markdown(p), state
+
+
+def headline_label(**kw) -> gr.Label:
+    """A ``gr.Label`` whose headline is stated, not taken from the most probable class: the Predictor's
+    ``label`` (the class at the model's operating point, or "uncertain — ..." when it abstains) above the
+    probability bars. It takes a ``(headline, {class: probability})`` pair; anything else as ``gr.Label``.
+    (The instance's ``postprocess`` is wrapped rather than subclassed: Gradio writes a ``.pyi`` stub beside the
+    module of every Component subclass, which a read-only deployment cannot do.)"""
+    from gradio.components.label import LabelConfidence, LabelData
+
+    label = gr.Label(**kw)
+    plain = label.postprocess
+
+    def postprocess(value):
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+            ranked = sorted(value[1].items(), key=lambda kv: kv[1], reverse=True)
+            return LabelData(label=str(value[0]),
+                             confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
+        return plain(value)
+
+    label.postprocess = postprocess
+    return label
+
+
+def headline(p: Prediction) -> tuple[str, dict[str, float]]:
+    """The label component's value: a flagged image never gets a class as its headline."""
+    return p.label, p.probs
+
+
+def prediction_markdown(p: Prediction) -> str:
+    probs = " · ".join(f"{k} {v:.1%}" for k, v in p.probs.items()) + " (temperature-calibrated)"
+    if p.abstain:
+        why = "\n".join(f"- {r}" for r in p.reasons)
+        head = (f"### Prediction: **{p.label}**\nThe model does not answer for this image. Why:\n{why}\n\n"
+                f"Probabilities, for information only: {probs}")
+    else:
+        rule = "" if p.card.threshold is None else \
+            f" (called {p.card.positive} when P({p.card.positive}) ≥ {p.card.threshold:.2f}, chosen on validation)"
+        head = f"### Prediction: **{p.label}**{rule}  \n{probs}"
+    return "\n\n".join([
+        head,
+        f"Ran on **{p.device}** in **{p.latency_ms:.0f} ms** (forward + Grad-CAM).",
+        card_markdown(p.card),
+        f"**{DISCLAIMER}**",
+    ])
+
+
+def reblend(alpha: float, state: dict | None):
+    return reblend_state(alpha, state)
+
+
+def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
+    from ..imaging import describe_limits
+    from .train import quick_demo
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            upload = gr.File(label="Chest X-ray (PNG, JPEG, TIFF, BMP, WebP, DICOM)", type="filepath")
+            gr.Markdown(f"<small>{describe_limits()}</small>")
+            arch = option("arch")
+            level = option("level", label="Fine-tuning level")
+            ckpt = gr.Dropdown([BEST], value=BEST, label="Checkpoint", allow_custom_value=True)
+            predict_btn = gr.Button("Predict", variant="primary")
+            no_model = gr.Markdown()
+            demo_btn = gr.Button("Train quick demo model", visible=False)
+            demo_status = gr.HTML()
+        with gr.Column(scale=2):
+            probs = headline_label(label="Prediction and probabilities (calibrated)", num_top_classes=2,
+                                   elem_id="cc-label")
+            with gr.Row():
+                preview = gr.Image(label="Image", type="pil", interactive=False, format="jpeg", elem_id="cc-preview")
+                overlay_img = gr.Image(label="Grad-CAM overlay", type="pil", interactive=False, format="jpeg",
+                                       elem_id="cc-overlay")
+            alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
+            info = gr.Markdown(elem_id="cc-info")
+            cam_state = gr.State(None, time_to_live=STATE_TTL_S)   # API sessions never close (issue 11 #2)
+
+    choices = partial(checkpoint_choices, svc)
+    upload.upload(partial(upload_preview, svc), [upload], [preview, session], api_visibility="private")
+    predict_btn.click(partial(predict, svc), [upload, arch, level, ckpt, session],
+                      [probs, overlay_img, info, cam_state], api_name="predict", concurrency_limit=4,
+                      concurrency_id="predict")
+    alpha.change(reblend, [alpha, cam_state], [overlay_img], api_visibility="private", show_progress="hidden")
+    for comp in (arch, level):
+        comp.change(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
+    ckpt.focus(lambda a, lv: choices(a, lv)[0], [arch, level], [ckpt], api_visibility="private")
+    demo_btn.click(partial(quick_demo, svc), None, [demo_status], api_name="quick_demo", concurrency_limit=4).then(
+        choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
+    demo.load(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
