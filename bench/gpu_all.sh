@@ -43,6 +43,14 @@ step() {  # step NAME TIMEOUT CMD...: run one benchmark, keep its output, never 
   if [ $rc -ne 0 ]; then echo "!!! $name failed or timed out (rc $rc); last lines of stderr:"; tail -n 15 "$OUT/$name.err"; fi
 }
 
+if [ "$DEVICE" = cuda ] && [ "${SKIP_TESTS:-0}" != 1 ]; then   # issue 14: the CUDA tests first, then the figures
+  echo; echo "=== pytest -m gpu ($(($(date +%s) - T0)) s elapsed) ==="
+  for mod in safetensors gradio pydicom pytorch_grad_cam pytest; do
+    "$PY" -c "import $mod" 2>/dev/null || echo "note: python package '$mod' is missing here; tests needing it skip or fail"
+  done
+  timeout 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 25 | tee "$OUT/pytest_gpu.txt"
+fi
+
 echo "generating $N_TRAIN + $((N_TRAIN / 4)) + $((N_TRAIN / 4)) synthetic 1024x1024 PNGs ..."
 PYTHONPATH=bench "$PY" - "$TMP/png" "$N_TRAIN" <<'EOF'
 import sys

@@ -7,6 +7,7 @@ options are generated from ``TrainConfig``'s fields (help text, choices and defa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -14,6 +15,7 @@ from dataclasses import Field, fields
 from pathlib import Path
 
 from . import events as ev
+from . import tracking
 from .config import TrainConfig, choices_of
 from .errors import CovidClsError
 
@@ -107,14 +109,45 @@ class _Progress:
                 self.tqdm.write(line)
 
 
+# --- several processes (issue 13, distributed.py): --gpus N re-runs this command under torchrun --------
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """``--gpus N`` and the torchrun options it passes through (see distributed.torchrun_command)."""
+    from .distributed import TORCHRUN_FLAGS, TORCHRUN_OPTIONS
+
+    g = p.add_argument_group("several processes", "--gpus N execs torchrun --nproc-per-node=N -m covid_cls train "
+                             "... (one GPU per process, NCCL; with --device cpu: N CPU processes, gloo); these "
+                             "torchrun options pass through, e.g. for two nodes --nnodes 2 --rdzv-backend c10d "
+                             "--rdzv-endpoint HOST:29500 --rdzv-id RUN")
+    g.add_argument("--gpus", type=int, default=0, metavar="N", help="train one model on N GPUs of this node (DDP)")
+    for flag in TORCHRUN_OPTIONS:
+        g.add_argument(flag, dest=f"torchrun_{flag[2:].replace('-', '_')}", metavar="X", help=argparse.SUPPRESS)
+    for flag in TORCHRUN_FLAGS:
+        g.add_argument(flag, dest=f"torchrun_{flag[2:]}", action="store_true", help=argparse.SUPPRESS)
+
+
+def _launch_if_asked(a) -> None:
+    """``--gpus N`` outside torchrun: replace this process by torchrun (never returns)."""
+    from .distributed import exec_torchrun, launched_world_size
+
+    if getattr(a, "gpus", 0) and launched_world_size() == 1:
+        exec_torchrun(a.argv, a.gpus, device=getattr(a, "device", "auto"))
+# ------------------------------------------------------------------------------------------------------
+
+
 def cmd_train(a) -> int:
     from . import report as rp
     from .checkpoints import read_card
+    from .distributed import is_main_process
     from .engine import fit
 
+    _launch_if_asked(a)   # --gpus N (issue 13)
     prog = _Progress()
-    path = fit(_config(a), on_event=prog)
+    cfg = _config(a)
+    with (tracking.from_args(a, cfg.to_dict()) if is_main_process() else None) or contextlib.nullcontext() as track:
+        path = fit(cfg, on_event=tracking.tee(prog, track))   # --track (issue 12); rank 0 only under torchrun
     prog.close()
+    if not is_main_process():   # under torchrun: rank 0 prints
+        return 0
     card = read_card(path)
     weights = card.weights_note or card.weights_origin
     print(f"checkpoint {path}  (temperature {card.temperature:.3f}, weights: {weights})")
@@ -233,7 +266,10 @@ def cmd_study(a) -> int:
     from .study import run_study, to_markdown, write_outputs
 
     prog = _Progress()
-    rows = run_study(_config(a), archs=a.archs, levels=a.levels, on_event=prog, external=a.external)
+    cfg = _config(a)
+    with tracking.from_args(a, cfg.to_dict(), kind="study") or contextlib.nullcontext() as track:   # --track
+        rows = run_study(cfg, archs=a.archs, levels=a.levels, on_event=tracking.tee(prog, track),
+                         external=a.external, devices=a.devices)   # --devices: issue 13
     prog.close()
     paths = write_outputs(rows, a.report)
     print(to_markdown(rows))
@@ -287,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune one model")
     add_config_args(p)
+    add_launch_args(p)   # --gpus N (issue 13)
+    tracking.add_cli_options(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics with 95 %% CIs of a checkpoint on a split or a flat folder")
@@ -327,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="study", help="folder for study.csv, study.md and plots")
     p.add_argument("--external", help="also evaluate every model on this labelled folder (e.g. X-rays from "
                                       "other hospitals; never trained on) and add its columns")
+    p.add_argument("--devices", help="run the combinations in parallel, one process per device: GPU numbers "
+                                     "(0,1,2,3) or cpu,cpu; the same rows as one after another (issue 13)")
+    tracking.add_cli_options(p)
     p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("migrate", help="rewrite format-1 .pt checkpoints as safetensors")
@@ -340,11 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo_data)
+
+    # push | pull: the Hugging Face Hub (issue 12)
+    from .hub import add_cli as add_hub_commands
+
+    add_hub_commands(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
+    a.argv = argv   # --gpus N re-runs the same command line under torchrun
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="covid_cls.models")  # shown as log events
     try:
         return a.fn(a)

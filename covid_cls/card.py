@@ -50,6 +50,8 @@ class Card:
     params: dict[str, int] = field(default_factory=dict)
     device: str = ""
     precision: str = "fp32"
+    # how many processes trained it: {world_size, backend, nodes, batch_per_process, global_batch}; {} = older
+    distributed: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
     ood: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +112,8 @@ class Card:
             raise bad(f"'threshold' must be a probability, not {self.threshold!r}")
         if self.stored not in ("all", "trained"):
             raise bad(f"'stored' must be 'all' or 'trained', not {self.stored!r}")
-        for name in ("config", "metrics", "data", "ood", "params", "versions", "base_weights", "selective"):
+        for name in ("config", "metrics", "data", "ood", "params", "versions", "base_weights", "selective",
+                     "distributed"):
             if not isinstance(getattr(self, name), dict):
                 setattr(self, name, {})
         if not isinstance(self.history, list):

@@ -341,7 +341,10 @@ def train_batch(u8: torch.Tensor, image_size: int, generator: torch.Generator, *
 # ---------------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("COVID_CLS_CACHE", Path.home() / ".cache" / "covid_cls"))
+    """COVID_CLS_CACHE, else Spaces' persistent /data (``fsio.persistent_dir``), else ~/.cache/covid_cls."""
+    from .fsio import default_cache_dir as cache_dir
+
+    return cache_dir()
 
 
 @dataclass

@@ -45,6 +45,8 @@ from .data import (
     scan_dataset,
     train_batch,
 )
+from .distributed import Dist
+from .distributed import setup as distributed_setup
 from .errors import TrainingError, TrainingStopped
 from .metrics import binary_metrics, choose_threshold, clean, fit_temperature_bounded, roc_points, split_report
 from .models import ARCHS, build_model, count_params
@@ -121,19 +123,48 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
 # ---------------------------------------------------------------------------------------------------
 
 class _Batches:
-    """Mini-batches of a decoded split (or of cached features), already on the device."""
+    """Mini-batches of a decoded split (or of cached features), already on the device.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    With ``dist`` (several ranks, distributed.py), ``batch_size`` is per rank: training steps go over global
+    batches of ``batch_size x world`` images, of which each rank takes its contiguous part (``steps``), and
+    evaluation runs on each rank's rows and gathers the results (``predict_logits``).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, dist: Dist | None = None):
         self.x, self.y, self.bs = x, y, batch_size
+        self.dist = dist if dist is not None and dist.active else None
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist is not None else 1
 
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.bs)
+        """Training steps per epoch: the same on every rank (a last global batch smaller than the world size
+        is dropped; with one process this is ceil(n / batch_size))."""
+        n, w = len(self.y), self.world
+        g = self.bs * w
+        return n // g + (n % g >= w)
 
     def iterate(self, order: torch.Tensor | None = None):
         n = len(self.y)
         for i in range(0, n, self.bs):
             idx = order[i:i + self.bs] if order is not None else slice(i, i + self.bs)
             yield self.x[idx], self.y[idx]
+
+    def steps(self, order: torch.Tensor):
+        """(x, y, m) per training step: this rank's part of the next global batch of ``order``, and m, the
+        images in the whole global batch (= len(y) with one process)."""
+        n, w = len(self.y), self.world
+        r, g = (self.dist.rank if self.dist is not None else 0), self.bs * w
+        for i in range(len(self)):
+            lo = i * g
+            m = min(g, n - lo)
+            idx = order[lo + r * m // w: lo + (r + 1) * m // w]
+            yield self.x[idx], self.y[idx], m
+
+    def part(self, rows: slice) -> _Batches:
+        """The same batch size over some rows (one rank's shard), for a single process."""
+        return _Batches(self.x[rows], self.y[rows], self.bs)
 
 
 def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], torch.Tensor],
@@ -149,6 +180,7 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
     is raised at the next read, at most ``log_every`` steps later.
     """
     model.train()
+    dist = batches.dist   # None with one process
     order = torch.randperm(len(batches.y), generator=generator).to(batches.y.device)
     total_loss = torch.zeros((), device=batches.y.device)
     correct = torch.zeros((), dtype=torch.long, device=batches.y.device)
@@ -156,14 +188,17 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
     bad_loss = torch.zeros((), device=batches.y.device)
     seen, t0 = 0, time.perf_counter()
     steps = len(batches)
-    for step, (x, y) in enumerate(batches.iterate(order), start=1):
-        if stop is not None and stop.is_set():
+    for step, (x, y, m) in enumerate(batches.steps(order), start=1):
+        requested = stop is not None and stop.is_set()
+        if dist.any(requested) if dist is not None else requested:   # every rank stops at the same step
             raise TrainingStopped("stopped on request")
         with rt.autocast():
             logits = forward(x, True)
             loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients: scaled so, the result is the mean loss's over the global batch
+        scale = len(y) * batches.world / m
+        (loss * scale if scale != 1 else loss).backward()
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -176,28 +211,40 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
         bad_loss = torch.where(first, value, bad_loss)
         seen += n
         if step % log_every == 0 or step == steps:
-            if int(bad_step):
+            bad = int(bad_step)
+            if dist.any(bad != 0) if dist is not None else bad:
+                where = f"at epoch {epoch}, step {bad}" if bad else f"on another rank, by epoch {epoch} step {step}"
                 raise TrainingError(
-                    f"the loss became {float(bad_loss)} at epoch {epoch}, step {int(bad_step)}: training "
+                    f"the loss became {float(bad_loss) if bad else 'non-finite'} {where}: training "
                     f"diverged. Lower the learning rate (now {opt.param_groups[0]['lr']:.3g}) or use "
                     "optimizer 'adam'.")
             value = float(value)
-            emit(ev.Step(epoch=epoch, epochs=epochs, step=step, steps=steps, loss=value,
-                         lr=opt.param_groups[0]["lr"], images_per_s=seen / max(time.perf_counter() - t0, 1e-9)))
-    return {"loss": float(total_loss) / max(seen, 1), "accuracy": int(correct) / max(seen, 1),
+            emit(ev.Step(epoch=epoch, epochs=epochs, step=step, steps=steps, loss=value, lr=opt.param_groups[0]["lr"],
+                         images_per_s=seen * batches.world / max(time.perf_counter() - t0, 1e-9)))
+    loss_sum, right, seen = float(total_loss), int(correct), seen
+    if dist is not None:   # the whole global batch's numbers on every rank
+        loss_sum, right, seen = dist.sum([loss_sum, right, seen])
+    return {"loss": loss_sum / max(seen, 1), "accuracy": right / max(seen, 1),
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
 
 
 @torch.no_grad()
 def predict_logits(forward: Callable[[torch.Tensor, bool], torch.Tensor], batches: _Batches,
                    rt: Runtime, stop=None) -> torch.Tensor:
-    out = []
-    for x, _ in batches.iterate():
-        if stop is not None and stop.is_set():
-            raise TrainingStopped("stopped on request")
-        with rt.autocast():
-            out.append(forward(x, False).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, len(CLASSES))
+    """Logits of every row (on the CPU); with several ranks each computes its rows and all get all."""
+
+    def run(rows: slice) -> tuple[torch.Tensor]:
+        out = []
+        for x, _ in batches.part(rows).iterate():
+            if stop is not None and stop.is_set():
+                raise TrainingStopped("stopped on request")
+            with rt.autocast():
+                out.append(forward(x, False).float().cpu())
+        return (torch.cat(out) if out else torch.zeros(0, len(CLASSES)),)
+
+    if batches.dist is None:
+        return run(slice(None))[0]
+    return batches.dist.split_map(len(batches.y), run)[0]
 
 
 def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *,
@@ -216,9 +263,12 @@ def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *,
 # fit
 # ---------------------------------------------------------------------------------------------------
 
-def _image_forward(model: nn.Module, cfg: TrainConfig, rt: Runtime, generator: torch.Generator):
-    """Raw uint8 batch -> logits, with the train or eval preset."""
+def _image_forward(model: nn.Module, cfg: TrainConfig, rt: Runtime, generator: torch.Generator,
+                   net: nn.Module | None = None):
+    """Raw uint8 batch -> logits, with the train or eval preset. ``net``: what trains (the DDP wrapper of
+    ``model`` with several ranks); evaluation always runs ``model`` itself, on each rank's own rows."""
     photometric = Photometric(cfg.intensity_aug, cfg.blur_noise, cfg.erase_corners)
+    net = net if net is not None else model
 
     def forward(u8: torch.Tensor, train: bool) -> torch.Tensor:
         if train and cfg.augment:
@@ -226,7 +276,7 @@ def _image_forward(model: nn.Module, cfg: TrainConfig, rt: Runtime, generator: t
                             photometric=photometric)
         else:
             x = eval_batch(u8, cfg.image_size)
-        return model(rt.input(x))
+        return (net if train else model)(rt.input(x))
 
     return forward
 
@@ -255,6 +305,13 @@ def backbone_features(model: nn.Module, images: torch.Tensor, cfg: TrainConfig,
     return torch.cat(feats), torch.cat(pooled)
 
 
+def _features(model: nn.Module, images: torch.Tensor, cfg: TrainConfig, rt: Runtime, batch_size: int, stop,
+              dist: Dist, head_input: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backbone_features`` of every image; with several ranks each computes its rows, all get all."""
+    return dist.split_map(len(images), lambda rows: backbone_features(
+        model, images[rows], cfg, rt, batch_size, stop, head_input=head_input))
+
+
 def fit(config: TrainConfig, on_event: EventFn | None = None, stop=None, roots=None) -> Path:
     """Train one model and save its checkpoint; returns the checkpoint path.
 
@@ -262,17 +319,32 @@ def fit(config: TrainConfig, on_event: EventFn | None = None, stop=None, roots=N
     TrainingStopped and saves nothing. Any error is emitted as an ``error`` event and re-raised.
     ``roots``: folders the data may come from, checked for every file when it is opened (the app passes
     ``COVID_CLS_DATA_ROOTS``); None = no restriction.
+
+    Started by torchrun (``WORLD_SIZE`` > 1), every rank calls ``fit`` and they train one model together
+    (distributed.py): only rank 0 emits events and writes; every rank returns the checkpoint path.
     """
     emit = on_event or (lambda e: None)
     t_start = time.perf_counter()
+    dist, clean = Dist(), False
     try:
-        return _fit(config, emit, stop, t_start, roots)
+        dist = distributed_setup(config.device)
+        if not dist.main:
+            emit = lambda e: None   # noqa: E731 - rank 0 alone reports
+        path = _fit(config, emit, dist.stop_event(stop), t_start, roots, dist)
+        clean = True
+        return path
     except TrainingStopped:
+        clean = True
         emit(ev.Stopped())
         raise
     except Exception as exc:
-        emit(ev.Error(message=f"{exc.__class__.__name__}: {exc}"))
-        raise
+        err = dist.explain(exc)
+        emit(ev.Error(message=f"{err.__class__.__name__}: {err}"))
+        if err is exc:
+            raise
+        raise err from exc
+    finally:
+        dist.close(clean)
 
 
 def _decode(cfg: TrainConfig, emit: EventFn, roots=None):
@@ -307,17 +379,14 @@ def _leakage(decoded: dict[str, DecodedSplit], emit: EventFn) -> dict[str, Any]:
     """Near-duplicate images across splits (a validation or test image seen in training inflates every
     metric), and the training images' hashes, which the card keeps so that ``evaluate`` can check any other
     folder against them. Perceptual hash on the decoded squares: ~1 ms per image."""
-    from .leakage import hash_to_hex, phash, split_duplicates
+    from .leakage import dataset_leakage
 
-    hashes = {k: phash(d.images) for k, d in decoded.items()}
-    pairs = split_duplicates(hashes)
-    if pairs:
-        shown = "; ".join(f"{decoded[a].files[i]} ~ {decoded[b].files[j]}" for a, i, b, j, _ in pairs[:5])
-        emit(ev.Log(message=f"WARNING: {len(pairs)} near-duplicate image pair(s) across splits (leakage: "
+    found = dataset_leakage(None, decoded=decoded)
+    if found["count"]:
+        shown = "; ".join(f"{p['a']} ~ {p['b']}" for p in found["pairs"][:5])
+        emit(ev.Log(message=f"WARNING: {found['count']} near-duplicate image pair(s) across splits (leakage: "
                             f"metrics will look better than they are), e.g. {shown}"))
-    return {"train_hashes": hash_to_hex(hashes["train"]),
-            "near_duplicates": [{"a": f"{a}/{decoded[a].files[i]}", "b": f"{b}/{decoded[b].files[j]}", "distance": d}
-                                for a, i, b, j, d in pairs[:50]]}
+    return {"train_hashes": found["train_hashes"], "near_duplicates": found["pairs"]}
 
 
 def _build(cfg: TrainConfig, rt: Runtime, emit: EventFn):
@@ -342,26 +411,40 @@ class _Plan:
     eval_batches: dict[str, _Batches]
     rt: Runtime
     pooled: dict[str, torch.Tensor] | None   # OOD features, when the frozen feature pass produced them
+    replicated: bool = False   # several ranks, each training the same head on all features (level fc)
+    note: str = ""             # how the ranks share the work (logged)
 
 
-def _plan(model, cfg: TrainConfig, rt: Runtime, on_dev, bs: int, gen, stop) -> _Plan:
+def _plan(model, cfg: TrainConfig, rt: Runtime, on_dev, bs: int, gen, stop, dist: Dist | None = None) -> _Plan:
+    dist, note = dist or Dist(), ""
     if cfg.level == "fc" and cfg.feature_cache:
         # Level fc: the backbone is frozen, so its output never changes: compute it once and train the
         # head on it (10 epochs then cost about one frozen forward pass). Augmentation is not applied
         # to cached features; set feature_cache=False to train the head on augmented images.
-        both = {k: backbone_features(model, x, cfg, rt, max(bs, 64), stop) for k, (x, _) in on_dev.items()}
+        # Several ranks: each computes the features of its rows, all get all, and each trains the same head.
+        both = {k: _features(model, x, cfg, rt, max(bs, 64), stop, dist) for k, (x, _) in on_dev.items()}
         batches = {k: _Batches(both[k][0], on_dev[k][1], bs) for k in on_dev}
         pooled = {k: v[1] for k, v in both.items()}   # frozen backbone: valid after training too
 
         def forward(f: torch.Tensor, train: bool) -> torch.Tensor:
             return model.forward_head(f)
 
-        plan_rt = rt.for_head_only()   # the feature pass above ran as rt (bf16 where native)
+        plan_rt, shard = rt.for_head_only(), None   # the feature pass above ran as rt (bf16 where native)
     else:
-        forward, pooled, plan_rt = _image_forward(model, cfg, rt, gen), None, rt
-        batches = {k: _Batches(x, y, bs) for k, (x, y) in on_dev.items()}
-    eval_batches = {k: _Batches(b.x, b.y, max(bs, 64)) for k, b in batches.items()}
-    return _Plan(forward, batches, eval_batches, plan_rt, pooled)
+        # Several ranks: DDP, per-rank augmentation and dropout seeds, synchronised trainable BatchNorm.
+        net, synced = dist.wrap(model)
+        if dist.active:
+            dist.reseed(cfg.seed)
+            note = (f"DDP over {dist.world} ranks ({dist.backend}), batch {bs} per rank = {bs * dist.world} global"
+                    + (f"; {synced} trainable BatchNorm layer(s) synchronised" if synced else ""))
+        aug = dist.generator(cfg.seed) if dist.active else gen
+        forward, pooled, plan_rt, shard = _image_forward(model, cfg, rt, aug, net), None, rt, dist
+        batches = {k: _Batches(x, y, bs, shard) for k, (x, y) in on_dev.items()}
+    eval_batches = {k: _Batches(b.x, b.y, max(bs, 64), shard) for k, b in batches.items()}
+    if dist.active and shard is None:
+        note = f"{dist.world} ranks ({dist.backend}): feature pass sharded, the head trained alike on every rank"
+    return _Plan(forward, batches, eval_batches, plan_rt, pooled, replicated=dist.active and shard is None,
+                 note=note)
 
 
 def _train_epochs(model, cfg: TrainConfig, plan: _Plan, train_labels, gen, emit: EventFn, stop):
@@ -434,44 +517,76 @@ def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Ten
     return _Calibration(temperature, note, threshold, qhat, alpha)
 
 
-def _final_metrics(model, cfg: TrainConfig, plan: _Plan, stop) -> tuple[dict[str, Any], _Calibration]:
+def _final_logits(model, plan: _Plan, stop) -> dict[str, torch.Tensor]:
+    """Every split's logits with the restored best model (with several ranks: computed on shards, gathered)."""
+    model.eval()
+    return {name: predict_logits(plan.forward, plan.eval_batches[name], plan.rt, stop)
+            for name in ("validation", "train", "test")}
+
+
+def _final_metrics(cfg: TrainConfig, plan: _Plan, logits: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, Any], _Calibration]:
     """Calibrate on validation, then every split's metrics at the chosen operating point, with CIs."""
-    _, val_logits = evaluate(model, plan.forward, plan.eval_batches["validation"], plan.rt, stop=stop)
-    cal = _calibrate(cfg, val_logits, plan.batches["validation"].y.cpu())
+    cal = _calibrate(cfg, logits["validation"], plan.batches["validation"].y.cpu())
     metrics, pos = {}, CLASSES.index(POSITIVE)
     for name in ("train", "validation", "test"):
-        _, logits = evaluate(model, plan.forward, plan.eval_batches[name], plan.rt, stop=stop)
         labels = plan.batches[name].y.cpu().numpy()
-        probs = torch.softmax(logits / cal.temperature, 1).numpy()
+        probs = torch.softmax(logits[name] / cal.temperature, 1).numpy()
         m = split_report(probs, labels, pos, cal.threshold, n_boot=0 if name == "train" else 2000, seed=cfg.seed)
-        m["loss"] = float(F.cross_entropy(logits / cal.temperature, torch.from_numpy(labels)))
+        m["loss"] = float(F.cross_entropy(logits[name] / cal.temperature, torch.from_numpy(labels)))
         m["roc"] = roc_points(labels == pos, probs[:, pos])
         metrics[name] = clean(m)
     return metrics, cal
 
 
-def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None) -> Path:
-    rt = Runtime.create(cfg.device, cfg.precision)
+def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist: Dist | None = None) -> Path:
+    dist = dist or Dist()
+    rt = Runtime.create(dist.device if dist.active else cfg.device, cfg.precision)
     seed_everything(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)   # the shuffling order: the same on every rank
     bs = cfg.batch_size or default_batch_size(rt.device.type)
-    info, decoded = _decode(cfg, emit, roots)
-    leakage = _leakage(decoded, emit)
-    model, params = _build(cfg, rt, emit)
+    with dist.local_first():   # one decode per node; the other ranks read the disk cache (distributed.py)
+        info, decoded = _decode(cfg, emit, roots)
+    leakage = _leakage(decoded, emit) if dist.main else {}
+    with dist.local_first():   # one ImageNet download per node, should there be one
+        model, params = _build(cfg, rt, emit)
     # data on the device (uint8: 65 KB per 256 px image)
     on_dev = {k: (v.images.to(rt.device), v.labels.to(rt.device)) for k, v in decoded.items()}
-    plan = _plan(model, cfg, rt, on_dev, bs, gen, stop)
+    plan = _plan(model, cfg, rt, on_dev, bs, gen, stop, dist)
+    if plan.note:
+        emit(ev.Log(message=plan.note))
     history, best_epoch = _train_epochs(model, cfg, plan, decoded["train"].labels, gen, emit, stop)
-    metrics, cal = _final_metrics(model, cfg, plan, stop)
+    if plan.replicated:
+        dist.broadcast_trainable(model)   # fc: every rank trained the same head; rank 0's, bit for bit
+    logits = _final_logits(model, plan, stop)
     # OOD statistics of the final model's pooled features (Lee et al. 2018; see ood.py)
-    pooled = plan.pooled or {k: backbone_features(model, on_dev[k][0], cfg, rt, max(bs, 64), stop,
-                                                  head_input=False)[1] for k in ("train", "validation")}
-    ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
-                        on_dev["train"][1])
-    if stop is not None and stop.is_set():
+    pooled = plan.pooled or {k: _features(model, on_dev[k][0], cfg, rt, max(bs, 64), stop, dist,
+                                          head_input=False)[1] for k in ("train", "validation")}
+    if dist.any(stop is not None and stop.is_set()):
         raise TrainingStopped("stopped on request")
-    model.to("cpu")
-    card = Card(
+    path = metrics = cal = None
+    if dist.main:   # the last collective is behind us: rank 0 computes the CIs and writes alone
+        metrics, cal = _final_metrics(cfg, plan, logits)
+        ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
+                            on_dev["train"][1])
+        model.to("cpu")
+        card = _card(cfg, model, rt, dist, bs, info, decoded, leakage, metrics, cal, history, best_epoch, params,
+                     t_start, roots)
+        path = save_checkpoint(cfg.out_dir, model, card, ood_stats=ood_stats)
+    dist.wait()
+    path = Path(dist.broadcast_object(str(path) if path else None))
+    del on_dev, plan, model
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if dist.main:
+        emit(ev.Done(checkpoint=str(path), metrics=metrics, best_epoch=best_epoch, temperature=cal.temperature,
+                     seconds=time.perf_counter() - t_start))
+    return path
+
+
+def _card(cfg: TrainConfig, model, rt: Runtime, dist: Dist, bs: int, info, decoded, leakage, metrics,
+          cal: _Calibration, history, best_epoch: int, params, t_start: float, roots) -> Card:
+    return Card(
         arch=cfg.arch, level=cfg.level, classes=list(CLASSES), positive=POSITIVE, hidden=cfg.hidden,
         dropout=cfg.dropout, image_size=cfg.image_size, cache_size=cfg.cache_size,
         weights_origin=model.weights_origin, weights_note=model.weights_note, config=cfg.to_dict(),
@@ -479,19 +594,13 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None) -> P
         selective={"conformal_qhat": cal.conformal_qhat, "conformal_alpha": cal.conformal_alpha},
         best_epoch=best_epoch, history=history, params=params,
         device=str(rt.device), precision="bf16" if rt.bf16 else "fp32",
+        distributed=dist.describe(bs),
         # what was actually read: the resolved folder, and per split the images decoded and used
         data={"root": str(info.root), "fingerprint": fingerprint([p for s in info.splits.values() for p in s.files]),
               "counts": info.counts(), "read": {k: len(d) for k, d in decoded.items()},
               "roots_checked": roots is not None,
               "skipped": len(info.skipped) + sum(len(d.skipped) for d in decoded.values()), **leakage},
         train_seconds=time.perf_counter() - t_start)
-    path = save_checkpoint(cfg.out_dir, model, card, ood_stats=ood_stats)
-    del on_dev, plan, model
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    emit(ev.Done(checkpoint=str(path), metrics=metrics, best_epoch=best_epoch, temperature=cal.temperature,
-                 seconds=time.perf_counter() - t_start))
-    return path
 
 
 def evaluate_checkpoint(*args, **kwargs):

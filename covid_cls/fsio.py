@@ -57,4 +57,28 @@ def disk_full_message(exc: OSError, what: str, where: str | os.PathLike) -> str:
     return f"could not save {what} in {where}: {exc.strerror or exc}"
 
 
-__all__ = ["atomic_write", "disk_full_message"]
+# --- Hugging Face Spaces: persistent storage (issue 12 #2) -----------------------------------------------
+# A Space's own disk is wiped on every restart; attached persistent storage (or a storage bucket mounted as a
+# volume) appears at /data and survives. When that folder exists and is writable, the app keeps its
+# checkpoints, run history and decoded-image cache there; COVID_CLS_CHECKPOINTS / COVID_CLS_RUNS /
+# COVID_CLS_CACHE still win. COVID_CLS_PERSISTENT_DIR names another mount point ("" = never use one).
+
+def persistent_dir() -> Path | None:
+    """The persistent-storage folder (``/data`` on Spaces) when it exists and is writable, else None."""
+    root = os.environ.get("COVID_CLS_PERSISTENT_DIR", "/data")
+    if not root:
+        return None
+    path = Path(root)
+    return path if path.is_dir() and os.access(path, os.W_OK | os.X_OK) else None
+
+
+def default_cache_dir() -> Path:
+    """The decoded-image cache: COVID_CLS_CACHE, else <persistent dir>/cache, else ~/.cache/covid_cls."""
+    env = os.environ.get("COVID_CLS_CACHE")
+    if env:
+        return Path(env)
+    base = persistent_dir()
+    return base / "cache" if base else Path.home() / ".cache" / "covid_cls"
+
+
+__all__ = ["atomic_write", "disk_full_message", "persistent_dir", "default_cache_dir"]

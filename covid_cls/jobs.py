@@ -313,7 +313,10 @@ class JobManager:
         """After a run that saved nothing: delete the temporary files its worker left (a SIGKILL skips every
         ``finally``) and any checkpoint written during the run whose card never followed."""
         out = Path(run.config.get("out_dir") or "checkpoints")
-        cache = Path(os.environ.get("COVID_CLS_CACHE", Path.home() / ".cache" / "covid_cls"))
+        # the worker's cache (COVID_CLS_CACHE, /data on Spaces, ~/.cache)
+        from .fsio import default_cache_dir
+
+        cache = default_cache_dir()
         if pid is not None:
             for folder, pattern in ((out, f".*.{pid}.*.tmp"), (cache, f"**/.*.{pid}.*.tmp")):
                 try:

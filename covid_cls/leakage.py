@@ -187,3 +187,25 @@ def split_duplicates(hashes: Mapping[str, np.ndarray], max_distance: int | None 
             else:
                 out += [(na, i, nb, j, d) for i, j, d in near_duplicates(hashes[na], hashes[nb], max_distance)]
     return out
+
+
+def dataset_leakage(root, cache_size: int = 256, decoded: Mapping | None = None, limit: int = 50) -> dict:
+    """Near-duplicate images across the splits of a dataset folder: what Scan reports before training.
+
+    Decodes through ``DecodedCache`` (decode once: training reuses the same squares) unless ``decoded``
+    ({split: DecodedSplit}) is given. Returns ``{"pairs": [{"a": "train/x.png", "b": "test/y.png",
+    "distance": d}, ...], "count": n, "train_hashes": [...]}``; a test image that is a copy of a training
+    image makes every metric look better than it is.
+    """
+    if decoded is None:
+        from .data import DecodedCache, scan_dataset
+
+        info = scan_dataset(root)
+        cache = DecodedCache(cache_size)
+        decoded = {k: cache.get(s, info.root) for k, s in info.splits.items()}
+    hashes = {k: phash(d.images) for k, d in decoded.items()}
+    pairs = split_duplicates(hashes)
+    shown = [{"a": f"{a}: {decoded[a].files[i]}", "b": f"{b}: {decoded[b].files[j]}", "distance": d}
+             for a, i, b, j, d in pairs[:limit]]
+    return {"count": len(pairs), "pairs": shown,
+            "train_hashes": hash_to_hex(hashes["train"]) if "train" in hashes else []}

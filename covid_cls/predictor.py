@@ -7,6 +7,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,10 @@ from .checkpoints import (
     ranked_checkpoints,
 )
 from .data import eval_batch, to_square_u8
-from .errors import NoCheckpointError  # noqa: F401 - re-exported
+from .errors import (
+    ImageError,
+    NoCheckpointError,  # noqa: F401 - re-exported
+)
 from .explain import CamExplainer, overlay, resize_cam
 from .imaging import load_image_bounded
 from .models import check_level, get_spec
@@ -64,24 +68,32 @@ class _Loaded:
     explainer: CamExplainer
     ood_stats: dict[str, Any] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
 
 class Predictor:
     """Predict with the best (or a given) checkpoint for an (arch, level) pair.
 
-    Models are loaded lazily on first use and kept in an LRU of ``max_models`` (VGG16 with our head is
-    ~0.6 GB in fp32, so a Space with 16 GB must bound what stays loaded). Safe to call from many threads:
+    Models are loaded lazily on first use and kept in an LRU bounded by count (``max_models``) AND by the
+    bytes of their tensors (``max_bytes``, default ``COVID_CLS_MODEL_MEMORY_MB`` or 2048 MB): a VGG16 with our
+    head is ~0.6 GB in fp32 and a ResNet18 ~50 MB, so a count alone says little about memory. The model just
+    loaded always stays, even when it alone exceeds the budget. Safe to call from many threads:
     one lock per model around Grad-CAM, one lock around the cache. When the best checkpoint for a pair
     turns out to be damaged at load time, the next valid one is used (and the damaged one remembered).
     """
 
     def __init__(self, checkpoints_dir: str | os.PathLike = "checkpoints", device: str = "auto",
-                 max_models: int = 3):
+                 max_models: int = 3, max_bytes: int | None = None):
         self.checkpoints_dir = Path(checkpoints_dir)
         # fp32 for batch-1 Grad-CAM (bf16 was slower at batch 1 on CUDA, and the map keeps full precision);
         # channels_last where oneDNN/cuDNN run convolutions: ResNet18 CAM 20.6 -> 16.3 ms on the CPU
         self.runtime = Runtime.create(device, "fp32")
         self.device = self.runtime.device
         self.max_models = max(1, max_models)
+        self.max_bytes = max_bytes if max_bytes is not None else int(
+            float(os.environ.get("COVID_CLS_MODEL_MEMORY_MB", "2048")) * 2**20)
         self._cache: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
         self._broken: dict[tuple[str, int], str] = {}    # (path, mtime) -> why it failed to load
         self._lock = threading.Lock()
@@ -130,7 +142,8 @@ class Predictor:
             loaded = _Loaded(model, ckpt.card, CamExplainer(model), ckpt.ood_stats)
             self._warm_up(loaded)
             self._cache[key] = loaded
-            while len(self._cache) > self.max_models:
+            while len(self._cache) > 1 and (len(self._cache) > self.max_models
+                                            or sum(v.nbytes for v in self._cache.values()) > self.max_bytes):
                 self._cache.popitem(last=False)   # dropped; nothing else holds it
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -160,6 +173,10 @@ class Predictor:
         with self._lock:
             return [k[0] for k in self._cache]
 
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(v.nbytes for v in self._cache.values())
+
     def evict(self, path: str | os.PathLike | None = None) -> None:
         with self._lock:
             for key in [k for k in self._cache if path is None or k[0] == str(Path(path).resolve())]:
@@ -174,25 +191,60 @@ class Predictor:
         paths = self.candidates(arch, level, checkpoint)
         img = load_image_bounded(image)   # in a worker with CPU/memory/time limits
         path, loaded = self._load_first_valid(paths, explicit=bool(checkpoint))
+        return self._run(loaded, path, [img], alpha)[0]
+
+    def predict_batch(self, images: Sequence, arch: str = "resnet18", level: str = "fc",
+                      checkpoint: str | os.PathLike | None = None, alpha: float = 0.45, batch_size: int = 16,
+                      on_progress: Callable[[int, int], None] | None = None) -> list[Prediction | ImageError]:
+        """Many images with one model: one forward + Grad-CAM backward per ``batch_size`` images.
+
+        A file that cannot be decoded gives its ``ImageError`` in its place in the result, never failing the
+        batch. ``on_progress(done, total)`` is called after each batch.
+        """
+        paths = self.candidates(arch, level, checkpoint)
+        path, loaded = self._load_first_valid(paths, explicit=bool(checkpoint))
+        out: list[Prediction | ImageError | None] = [None] * len(images)
+        for start in range(0, len(images), batch_size):
+            decoded = []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    decoded.append((i, load_image_bounded(images[i])))
+                except ImageError as exc:
+                    out[i] = exc
+            if decoded:
+                for (i, _), pred in zip(decoded, self._run(loaded, path, [im for _, im in decoded], alpha)):
+                    out[i] = pred
+            if on_progress is not None:
+                on_progress(min(start + batch_size, len(images)), len(images))
+        return out
+
+    def _run(self, loaded: _Loaded, path: Path, imgs: list[Image.Image], alpha: float) -> list[Prediction]:
+        """The model part for decoded images: one batched forward + backward, then per-image results."""
         card = loaded.card
         t0 = time.perf_counter()
-        u8 = torch.from_numpy(to_square_u8(img, card.cache_size))[None, None]
+        u8 = torch.stack([torch.from_numpy(to_square_u8(img, card.cache_size))[None] for img in imgs])
         x = self.runtime.input(eval_batch(u8.to(self.device), card.image_size))
-        logits, cam, pooled = loaded.explainer(x, return_pooled=True)
-        p = torch.softmax(logits[0] / card.temperature, dim=0).tolist()
-        cam_full = resize_cam(cam, img.size)
-        ood = assess(img, pooled, layout_features(u8), loaded.ood_stats)
-        reasons = list(ood["reasons"]) + _set_reasons(card, p)
-        latency = (time.perf_counter() - t0) * 1000
-        decision = card.label_for(p)
-        return Prediction(
-            label=UNCERTAIN if reasons else decision, decision=decision, abstain=bool(reasons), reasons=reasons,
-            probs=dict(zip(card.classes, p)), cam=cam_full,
-            # overlay() would resize the map to the image again; reuse cam_full where it keeps the image
-            # size (up to its max_side of 1024 px; larger images are shown downscaled, from the small map)
-            overlay=overlay(img, cam_full if max(img.size) <= 1024 else cam, alpha),
-            device=_device_name(self.device), latency_ms=latency,
-            checkpoint=str(path), card=card, image=img, ood=ood)
+        logits, cams, pooled = loaded.explainer(x, return_pooled=True)
+        cams = cams[None] if cams.ndim == 2 else cams
+        layout = layout_features(u8)
+        per_image_ms = (time.perf_counter() - t0) * 1000 / len(imgs)
+        results = []
+        for k, img in enumerate(imgs):
+            t1 = time.perf_counter()
+            p = torch.softmax(logits[k] / card.temperature, dim=0).tolist()
+            cam_full = resize_cam(cams[k], img.size)
+            ood = assess(img, pooled[k:k + 1], layout[k:k + 1], loaded.ood_stats)
+            reasons = list(ood["reasons"]) + _set_reasons(card, p)
+            decision = card.label_for(p)
+            results.append(Prediction(
+                label=UNCERTAIN if reasons else decision, decision=decision, abstain=bool(reasons), reasons=reasons,
+                probs=dict(zip(card.classes, p)), cam=cam_full,
+                # overlay() would resize the map to the image again; reuse cam_full where it keeps the image
+                # size (up to its max_side of 1024 px; larger images are shown downscaled, from the small map)
+                overlay=overlay(img, cam_full if max(img.size) <= 1024 else cams[k], alpha),
+                device=_device_name(self.device), latency_ms=per_image_ms + (time.perf_counter() - t1) * 1000,
+                checkpoint=str(path), card=card, image=img, ood=ood))
+        return results
 
 
 def _set_reasons(card: Card, probs: list[float]) -> list[str]:

@@ -29,7 +29,8 @@ EXTERNAL_COLUMNS = ("ext_auc", "ext_auc_low", "ext_auc_high", "ext_sensitivity",
 
 def run_study(base: TrainConfig, archs: Sequence[str] = tuple(ARCHS), levels: Sequence[str] = LEVELS,
               on_event: Callable[[ev.Event], None] | None = None, stop=None,
-              external: str | Path | None = None, roots=None) -> list[dict[str, Any]]:
+              external: str | Path | None = None, roots=None,
+              devices: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Train every (arch, level); returns one row per run (see COLUMNS) plus its ``history``.
 
     ``external``: a labelled folder (flat ``infected/ normal/`` or a split tree) every model is also evaluated
@@ -38,19 +39,27 @@ def run_study(base: TrainConfig, archs: Sequence[str] = tuple(ARCHS), levels: Se
     ``vs_fc_result``, the numbers.
 
     Events of each run are forwarded with ``run`` (1-based), ``runs`` and ``name`` added.
+
+    ``devices`` ("0,1,2,3", ["cpu", "cpu"]): the runs go in parallel, one process per device, after one decode
+    here (``_on_devices``); the rows are those of the sequential study. None: one after another, here.
     """
     from .engine import fit  # here, not at import: the app builds its Study table without loading the engine
 
     emit = on_event or (lambda e: None)
     combos = [(a, lv) for a in archs for lv in levels]
     rows = []
+    parallel = _on_devices(base, combos, devices, emit, stop, roots)   # issue 13: {run: (path, seconds)} | None
     for i, (arch, level) in enumerate(combos, start=1):
         cfg = dataclasses.replace(base, arch=arch, level=level)
         name = f"{arch}·{level}"
-        emit(ev.RunStart(run=i, runs=len(combos), name=name))
-        t0 = time.perf_counter()
-        path = fit(cfg, on_event=lambda e, i=i, name=name: emit(e.tagged(i, len(combos), name)), stop=stop,
-                   roots=roots)   # roots: see engine.fit (the app passes its data roots)
+        if parallel is not None:
+            path, seconds = parallel[i]
+        else:
+            emit(ev.RunStart(run=i, runs=len(combos), name=name))
+            t0 = time.perf_counter()
+            path = fit(cfg, on_event=lambda e, i=i, name=name: emit(e.tagged(i, len(combos), name)), stop=stop,
+                       roots=roots)   # roots: see engine.fit (the app passes its data roots)
+            seconds = round(time.perf_counter() - t0, 1)
         card = read_card(path)   # the card the checkpoint vouches for (size + SHA-256 checked on load)
         test, val_hist = card.split_metrics("test"), card.history
         auc_ci = (test.get("ci") or {}).get("auc") or [None, None]
@@ -60,7 +69,7 @@ def run_study(base: TrainConfig, archs: Sequence[str] = tuple(ARCHS), levels: Se
             "test_accuracy": test.get("accuracy"), "test_sensitivity": test.get("sensitivity"),
             "test_specificity": test.get("specificity"), "test_f1": test.get("f1"), "test_auc": test.get("auc"),
             "test_auc_low": auc_ci[0], "test_auc_high": auc_ci[1], "vs_fc": "",
-            "seconds": round(time.perf_counter() - t0, 1), "weights": card.weights_origin,
+            "seconds": seconds, "weights": card.weights_origin,
             "checkpoint": str(path), "history": val_hist,
         }
         if external:
@@ -70,6 +79,26 @@ def run_study(base: TrainConfig, archs: Sequence[str] = tuple(ARCHS), levels: Se
         rows.append(row)
     _compare_with_fc(rows, base, emit, stop)
     return rows
+
+
+def _on_devices(base: TrainConfig, combos, devices, emit, stop, roots) -> dict[int, tuple[str, float]] | None:
+    """Every run of the study at once, one process per device (distributed.run_on_devices); None when no
+    devices were given. The data is scanned and decoded once here first, so that a bad dataset fails before
+    any process starts and the workers read the decoded cache from disk instead of decoding it each."""
+    from .distributed import parse_devices, run_on_devices
+
+    devs = parse_devices(devices)
+    if not devs:
+        return None
+    from .data import DecodedCache
+    from .engine import _decode
+
+    _decode(base, emit, roots)
+    DecodedCache.clear_memory()   # the workers load their own copy; this process only waits
+    emit(ev.Log(message=f"{len(combos)} runs on {len(devs)} device(s) in parallel: {', '.join(devs)}"))
+    runs = [(i, len(combos), f"{a}·{lv}", dataclasses.replace(base, arch=a, level=lv))
+            for i, (a, lv) in enumerate(combos, start=1)]
+    return run_on_devices(runs, devs, emit, stop=stop, roots=roots)
 
 
 def _stopped(stop) -> bool:

@@ -72,13 +72,18 @@ def flat_labelled_folder(dataset: Path, out: Path, split: str = "test",
     return out
 
 
-def copy_checkpoint(checkpoint: Path, folder: Path) -> Path:
-    """Copy a trained checkpoint and its card (the ``.json`` beside it) into ``folder``; returns the copy."""
+def copy_checkpoint(checkpoint: Path, folder: Path, name: str | None = None) -> Path:
+    """Copy a trained checkpoint and its card (the ``.json`` beside it) into ``folder``, optionally under a new
+    ``name`` (the card, which names its weights file, is rewritten to match); returns the copy."""
+    import json
+
     checkpoint, folder = Path(checkpoint), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for src in (checkpoint, checkpoint.with_suffix(".json")):
-        shutil.copy(src, folder / src.name)
-    return folder / checkpoint.name
+    dst = folder / (f"{name}{checkpoint.suffix}" if name else checkpoint.name)
+    shutil.copy(checkpoint, dst)
+    card = json.loads(checkpoint.with_suffix(".json").read_text())
+    dst.with_suffix(".json").write_text(json.dumps({**card, "file": dst.name}))
+    return dst
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_a_colour_photo_shows_uncertain_in_the_label_area(page, served, tmp_path
 
     photo = tmp_path / "holiday.png"
     non_xray_images(1, 200, seed=3)["colour_scene"][0].save(photo)
-    pg = page.context.new_page()   # a fresh session: nothing uploaded yet
+    pg = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})   # a fresh session
     try:
         pg.goto(served[0], wait_until="domcontentloaded")
         pg.get_by_role("button", name="Predict", exact=True).wait_for(timeout=60_000)

@@ -170,3 +170,36 @@ def test_predict_on_real_fullres_uploads(fc_checkpoint):
         with Image.open(f) as im:
             assert p.cam.shape == (im.height, im.width)
         assert set(p.probs) == {"infected", "normal"}
+
+
+def test_batch_prediction_equals_one_by_one_and_survives_bad_files(fc_checkpoint, demo_data):
+    files = sorted((demo_data / "test" / "infected").glob("*.png"))[:3] + sorted(
+        (demo_data / "test" / "normal").glob("*.png"))[:2]
+    images = [f.read_bytes() for f in files]
+    images.insert(2, b"not an image at all")
+    pred = Predictor(fc_checkpoint.parent)
+    progress = []
+    batch = pred.predict_batch(images, checkpoint=fc_checkpoint, batch_size=4,
+                               on_progress=lambda d, t: progress.append((d, t)))
+    assert len(batch) == 6 and isinstance(batch[2], ImageError)
+    assert progress == [(4, 6), (6, 6)]
+    for img, got in zip([im for k, im in enumerate(images) if k != 2], [b for k, b in enumerate(batch) if k != 2]):
+        one = pred.predict(img, checkpoint=fc_checkpoint)
+        assert np.allclose([got.probs[c] for c in one.probs], list(one.probs.values()), atol=1e-5)
+        assert np.abs(got.cam - one.cam).max() < 1e-4 and got.label == one.label
+
+
+def test_model_cache_is_bounded_by_bytes(fc_checkpoint, tmp_path):
+    from helpers import copy_checkpoint
+
+    copies = [copy_checkpoint(fc_checkpoint, tmp_path, f"b{i}") for i in range(3)]
+    one = Predictor(tmp_path)
+    one.predict(Image.new("L", (64, 64), 90), checkpoint=copies[0])
+    size = one.loaded_bytes()
+    pred = Predictor(tmp_path, max_models=10, max_bytes=int(2.5 * size))   # room for two models
+    for c in copies:
+        pred.predict(Image.new("L", (64, 64), 90), checkpoint=c)
+    assert len(pred.loaded()) == 2 and pred.loaded_bytes() <= 2.5 * size
+    tiny = Predictor(tmp_path, max_bytes=1)            # below one model: the newest still stays
+    tiny.predict(Image.new("L", (64, 64), 90), checkpoint=copies[1])
+    assert tiny.loaded() == [str(copies[1].resolve())]

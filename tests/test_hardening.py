@@ -586,9 +586,12 @@ def test_the_live_curves_survive_a_watcher_appending_as_fast_as_it_can(tmp_path)
     t = threading.Thread(target=watcher, daemon=True)
     t.start()
     try:
+        import matplotlib.pyplot as plt
+
         for _ in range(40):
             snap = run.snapshot()
             train_outputs(snap)
+            plt.close("all")
             assert len(snap.history) == len({h["epoch"] for h in snap.history})
     finally:
         done.set()

@@ -145,3 +145,28 @@ def test_no_false_pair_among_real_xrays_and_planted_real_copies_are_found():
     assert split_duplicates(splits, within=True) == []
     dists = check_planted(imgs[::10])  # measured: median 4, max 22 bits
     assert max(dists) <= DEFAULT_MAX_DISTANCE
+
+
+def test_dataset_leakage_names_a_planted_cross_split_copy(tmp_path):
+    """What Scan and fit report: a training image resized and recompressed into test is found, by file."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from covid_cls import make_demo_dataset
+    from covid_cls.leakage import dataset_leakage
+
+    root = make_demo_dataset(tmp_path / "d", n_per_class=8, size=96, seed=5)
+    src = sorted((root / "train" / "normal").glob("*.png"))[0]
+    with Image.open(src) as im:
+        buf = io.BytesIO()
+        im.convert("L").resize((70, 70)).save(buf, "JPEG", quality=60)
+    (root / "test" / "normal" / "copy.jpg").write_bytes(buf.getvalue())
+    found = dataset_leakage(root, cache_size=96)
+    assert found["count"] >= 1
+    assert any("copy.jpg" in p["a"] + p["b"] and src.name in p["a"] + p["b"] for p in found["pairs"])
+    assert len(found["train_hashes"]) == 16
+    (root / "test" / "normal" / "copy.jpg").unlink()
+    shutil.rmtree(tmp_path / "d" / "masks", ignore_errors=True)
+    assert dataset_leakage(root, cache_size=96)["count"] == 0

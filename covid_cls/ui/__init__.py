@@ -15,6 +15,10 @@ Settings (environment):
   COVID_CLS_DATA_ROOTS   folders the Train tab may read, separated by ``:`` (default: the demo data only)
   COVID_CLS_TRAINING     ``0`` switches training off (public deployments)
   COVID_CLS_MAX_UPLOAD_MB upload limit (default 50)
+  COVID_CLS_MAX_SESSIONS sessions whose state is kept (default 1000; the least recently used go first)
+  COVID_CLS_UPLOADS_MAX_MB, COVID_CLS_UPLOADS_MAX_AGE_HOURS  extracted dataset uploads (default 2048 MB, 24 h)
+  COVID_CLS_CACHE_MAX_MB, COVID_CLS_CACHE_MAX_AGE_DAYS, COVID_CLS_CACHE_MEMORY_MB  decoded image caches (default
+                         4096 MB and 14 days on disk, 2048 MB in a process's memory)
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ from .services import Services, Settings
 def build_app(settings: Settings | None = None) -> gr.Blocks:
     """Predict | Train | Study | Models | Compare over one ``Services``. Loads no model and no data."""
     svc = Services(settings or Settings.from_env())
+    if svc.settings.hub_models:   # COVID_CLS_HUB_MODELS: pulled in the background; the page is up at once (issue 12)
+        from ..hub import start_pulls
+
+        start_pulls(svc.settings.hub_models, svc.settings.checkpoints)
     with gr.Blocks(title="covid_cls — chest X-ray fine-tuning lab", delete_cache=(600, 1800)) as demo:
         gr.Markdown("# covid_cls — chest X-ray fine-tuning lab\n"
                     "How much of a pretrained CNN must be fine-tuned to tell infected from normal chest X-rays, "
@@ -36,4 +40,20 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
 def launch(demo: gr.Blocks | None = None, **kw) -> None:
     settings = Settings.from_env()
     demo = demo or build_app(settings)
+    if settings.mcp and "mcp_server" not in kw:
+        kw["mcp_server"] = mcp_available()
+    kw.setdefault("state_session_capacity", settings.max_sessions)   # API sessions never close (issue 11 #2)
     demo.launch(max_file_size=settings.max_upload, theme=gr.themes.Soft(), css=CSS, **kw)
+
+
+def mcp_available() -> bool:
+    """COVID_CLS_MCP=1 (issue 12 #7): Gradio's MCP server needs its ``mcp`` extra, installed only by those who
+    ask for the feature. Without it the app still starts, and says why there is no MCP server."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("mcp") is None:
+        print('covid_cls: COVID_CLS_MCP=1 but the `mcp` package is missing: pip install "gradio[mcp]"; '
+              "starting without the MCP server", file=sys.stderr, flush=True)
+        return False
+    return True

@@ -42,8 +42,8 @@ def compare(svc: Services, path: str | None, session: dict | None = None):
 
 
 @user_errors
-def compare_models(svc: Services, a: str | None, b: str | None, source: str, folder: str, zip_path: str | None,
-                   split: str = "test"):
+def compare_models(svc: Services, a: str | None, b: str | None, source: str, folder: str | None,
+                   zip_path: str | None, split: str = "test"):
     """/compare_models: two checkpoints on the same labelled images -> (AUC rows with CIs, verdict markdown)."""
     from .. import report as rp
     from ..evaluation import compare_checkpoints

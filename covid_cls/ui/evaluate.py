@@ -24,7 +24,8 @@ SPLIT_CHOICES = ["test", "validation", "train", FLAT]
 SOURCE_HEADERS = ["source"] + METRIC_HEADERS[1:]
 
 
-def eval_dataset(svc: Services, source: str, folder: str, zip_path: str | None, split: str) -> tuple[Path, str]:
+def eval_dataset(svc: Services, source: str, folder: str | None, zip_path: str | None,
+                 split: str) -> tuple[Path, str]:
     """(resolved root, split name to evaluate) after the Train tab's checks (data roots, safe zip), the
     layout check and the size bound; nothing is decoded before these pass."""
     from ..data import scan_dataset
@@ -48,7 +49,7 @@ def eval_dataset(svc: Services, source: str, folder: str, zip_path: str | None, 
 
 
 @user_errors
-def evaluate(svc: Services, checkpoint: str | None, source: str, folder: str, zip_path: str | None,
+def evaluate(svc: Services, checkpoint: str | None, source: str, folder: str | None, zip_path: str | None,
              split: str = "test"):
     """/evaluate -> metrics table (with CIs), per-source table, summary markdown, ROC, risk-coverage."""
     from ..evaluation import evaluate_checkpoint

@@ -62,6 +62,12 @@ def delete_model(svc: Services, name: str | None, confirmed: bool):
 def build(svc: Services, tab: gr.Tab) -> None:
     with gr.Row():
         refresh = gr.Button("Refresh")
+    # --- models pulled from the Hub at start-up (COVID_CLS_HUB_MODELS, issue 12): how each pull went ---
+    from ..hub import pulls_markdown
+
+    hub_note = gr.Markdown(pulls_markdown(svc.settings.checkpoints))
+    for trigger in (refresh.click, tab.select):
+        trigger(lambda: pulls_markdown(svc.settings.checkpoints), None, [hub_note], api_visibility="private")
     table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False)
     with gr.Row():
         with gr.Column(scale=1):

@@ -116,6 +116,20 @@ def prediction_markdown(p: Prediction) -> str:
     ])
 
 
+# --- the /predict endpoint as an API / MCP tool (issue 12 #7): what an assistant reads before calling it ---
+PREDICT_API_DESCRIPTION = (
+    "RESEARCH DEMO - NOT A DIAGNOSIS: never use the result to diagnose, triage or treat anyone. Classifies one "
+    "chest X-ray image (PNG, JPEG, TIFF, BMP, WebP or DICOM) as infected or normal with a fine-tuned ResNet18 "
+    "or VGG16 and explains it with a Grad-CAM heatmap. Parameters: path = the image file; arch = 'resnet18' or "
+    "'vgg16'; level = fine-tuning level 'fc', 'partial' or 'full'; checkpoint = a checkpoint file name, or "
+    f"'{BEST}' / empty for the best one for arch and level. Returns: (1) a label whose 'label' is the answer at the "
+    "model's operating point OR the abstention flag 'uncertain — outside what this model was trained on' when the "
+    "image is out of distribution or ambiguous (then do not report a class), and whose 'confidences' are the "
+    "calibrated class probabilities; (2) the Grad-CAM overlay image; (3) markdown with the reasons for an "
+    "abstention, the model card (training data, weights origin such as 'trained from scratch', test metrics with "
+    "95% confidence intervals) and the disclaimer.")
+
+
 def reblend(alpha: float, state: dict | None):
     return reblend_state(alpha, state)
 
@@ -150,7 +164,7 @@ def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
     upload.upload(partial(upload_preview, svc), [upload], [preview, session], api_visibility="private")
     predict_btn.click(partial(predict, svc), [upload, arch, level, ckpt, session],
                       [probs, overlay_img, info, cam_state], api_name="predict", concurrency_limit=4,
-                      concurrency_id="predict")
+                      concurrency_id="predict", api_description=PREDICT_API_DESCRIPTION)
     alpha.change(reblend, [alpha, cam_state], [overlay_img], api_visibility="private", show_progress="hidden")
     for comp in (arch, level):
         comp.change(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")

@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,35 @@ except Exception:  # noqa: BLE001
         return fn if fn is not None else (lambda f: f)
 
 
-@gpu
-def _predict_on_device(predictor: Predictor, image: Any, arch: str, level: str,
-                       checkpoint: str | None) -> Prediction:
-    return predictor.predict(image, arch=arch, level=level, checkpoint=checkpoint)
+# --- ZeroGPU (issue 12 #2) ------------------------------------------------------------------------------
+# How long one prediction may hold the GPU. Measured (README "Performance", 2-core CPU): Predictor.predict
+# 32 ms (ResNet18) / 130 ms (VGG16) warm; the first call of a process, which loads the model, 3.4-4.3 s
+# (ResNet18, torch import included). A fresh ZeroGPU worker also initialises CUDA and may load VGG16
+# (~0.5 GB), so 15 s is ~3.5x the measured cold call and ~100x a warm VGG16 call: enough headroom without
+# asking for the default 60 s (a shorter request gets a better queue place and passes the visitor's quota
+# check sooner). COVID_CLS_GPU_SECONDS overrides it.
+PREDICT_GPU_SECONDS = int(os.environ.get("COVID_CLS_GPU_SECONDS", "15"))
+# ZeroGPU runs the decorated function in a forked worker and pickles its arguments and result: the Predictor
+# (locks, loaded models) must not travel. Calls pass the Services' key and checkpoint folder; the worker finds
+# the predictor registered under the key (inherited through the fork) or keeps its own for that folder.
+_PREDICTORS: weakref.WeakValueDictionary[str, Predictor] = weakref.WeakValueDictionary()
+_OWN_PREDICTORS: dict[str, Predictor] = {}
+
+
+def _device_predictor(key: str, folder: str) -> Predictor:
+    found = _PREDICTORS.get(key) or _OWN_PREDICTORS.get(folder)
+    if found is None:
+        from ..predictor import Predictor
+
+        found = _OWN_PREDICTORS.setdefault(folder, Predictor(folder))
+    return found
+
+
+def _predict_call(key: str, folder: str, image: Any, arch: str, level: str, checkpoint: str | None) -> Prediction:
+    return _device_predictor(key, folder).predict(image, arch=arch, level=level, checkpoint=checkpoint)
+
+
+_predict_on_device = gpu(duration=PREDICT_GPU_SECONDS)(_predict_call)
 
 
 @dataclass
@@ -47,14 +73,26 @@ class Settings:
     training: bool
     max_upload: int
     roots_env: str
+    hub_models: str = ""     # COVID_CLS_HUB_MODELS: Hub repos / snapshot folders pulled at start-up (issue 12)
+    mcp: bool = False        # COVID_CLS_MCP=1: launch with Gradio's MCP server (issue 12)
+    # COVID_CLS_MAX_SESSIONS: sessions whose state Gradio keeps (~0.15 MB of component config each, plus their
+    # gr.State values); API sessions never close, so the oldest go beyond this (Gradio's default: 10,000)
+    max_sessions: int = 1000
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(checkpoints=Path(os.environ.get("COVID_CLS_CHECKPOINTS", "checkpoints")),
-                   runs=Path(os.environ.get("COVID_CLS_RUNS", "runs")),
+        # Spaces' persistent storage (/data) when attached; the variables still win (issue 12 #2)
+        from ..fsio import persistent_dir
+
+        base = persistent_dir()
+        return cls(checkpoints=Path(os.environ.get("COVID_CLS_CHECKPOINTS") or (base or Path()) / "checkpoints"),
+                   runs=Path(os.environ.get("COVID_CLS_RUNS") or (base or Path()) / "runs"),
                    training=os.environ.get("COVID_CLS_TRAINING", "1") != "0",
                    max_upload=int(float(os.environ.get("COVID_CLS_MAX_UPLOAD_MB", MAX_BYTES / 2**20)) * 2**20),
-                   roots_env=os.environ.get("COVID_CLS_DATA_ROOTS", ""))
+                   roots_env=os.environ.get("COVID_CLS_DATA_ROOTS", ""),
+                   hub_models=os.environ.get("COVID_CLS_HUB_MODELS", ""),
+                   mcp=os.environ.get("COVID_CLS_MCP", "0") not in ("", "0"),
+                   max_sessions=int(os.environ.get("COVID_CLS_MAX_SESSIONS", "1000")))
 
     @property
     def demo_data(self) -> Path:
@@ -122,7 +160,12 @@ class Services:
     def predict(self, image: Any, arch: str, level: str, checkpoint: str | None = None) -> Prediction:
         """Predict with the named checkpoint (a name in the checkpoint folder) or the best for the pair."""
         path = str(self.checkpoint_path(checkpoint)) if checkpoint else None
-        return _predict_on_device(self.predictor, image, arch, level, path)
+        key = f"services-{id(self)}"
+        _PREDICTORS[key] = self.predictor   # what a ZeroGPU worker forked from here finds (see _predict_call)
+        try:
+            return _predict_on_device(key, str(self.settings.checkpoints), image, arch, level, path)
+        finally:
+            trim_memory_soon()   # large transient buffers back to the OS once this request is over (#2)
 
     def delete_checkpoint(self, name: str) -> None:
         from ..checkpoints import delete_checkpoint
@@ -201,6 +244,36 @@ class Services:
         """Dataset folders a run in progress reads (never pruned)."""
         run = self._jobs.active() if self._jobs is not None else None
         return [run.config["data_dir"]] if run is not None and run.config.get("data_dir") else []
+
+
+_trim = {"timer": None, "lock": threading.Lock()}
+
+
+def trim_memory_soon(delay_s: float = 2.0) -> None:
+    """Give the memory of the requests of the last ``delay_s`` seconds back to the OS (glibc ``malloc_trim``).
+
+    A prediction on a 58-megapixel upload allocates a few hundred MB for a moment (the decoded image, a map
+    at its size) in one of Gradio's worker threads; glibc keeps such freed memory in that thread's arena, and
+    the server's RSS crept up by ~14 MB per call (issue 11 #2: +712 MB over 50 calls). One trim, shortly after
+    the request has ended and its buffers are free, returns it. At most one pending; a no-op without glibc."""
+    with _trim["lock"]:
+        if _trim["timer"] is not None:
+            return
+        timer = threading.Timer(delay_s, _malloc_trim)
+        timer.daemon = True
+        _trim["timer"] = timer
+    timer.start()
+
+
+def _malloc_trim() -> None:
+    with _trim["lock"]:
+        _trim["timer"] = None
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _touch(path: Path) -> None:
