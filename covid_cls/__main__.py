@@ -1,4 +1,4 @@
-"""Command line: python -m covid_cls train | evaluate | compare | predict | study | migrate | demo-data.
+"""Command line: python -m covid_cls train | evaluate | compare | predict | study | migrate | demo-data | push | pull.
 
 Every command calls the same library functions the app uses; progress is shown with tqdm. The training
 options are generated from ``TrainConfig``'s fields (help text, choices and defaults live there).

@@ -423,7 +423,6 @@ class DecodedCache:
         # ``roots``: every file is checked against them when opened (None: no restriction, the CLI).
         self.roots = None if roots is None else [Path(r).resolve() for r in roots]
         self.notes: list[str] = []   # what the caller should tell the user (a full disk, ...)
-        self.files_read = 0          # files opened and decoded by this object (cache hits read none)
 
     def get(self, split: Split, root: Path,
             progress: Callable[[int, int], None] | None = None) -> DecodedSplit:
@@ -437,7 +436,6 @@ class DecodedCache:
         decoded = self._load_disk(key) if self.use_disk else None
         if decoded is None:
             decoded = self._decode(split, root, progress)
-            self.files_read += len(decoded)
             if self.use_disk:
                 self._save_disk(key, decoded)
         with self._lock:

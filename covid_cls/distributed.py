@@ -121,11 +121,14 @@ class Dist:
         return self.rank == 0
 
     # ------------------------------------------------------------------ description
-    def describe(self, batch_size: int) -> dict[str, Any]:
-        """What the card records."""
+    def describe(self, batch_size: int, replicated: bool = False) -> dict[str, Any]:
+        """What the card records. ``replicated``: level fc, where every rank trains the head on all features
+        (so the batch the head saw is ``batch_size``) after a sharded feature pass."""
+        mode = "single process" if not self.active else (
+            "sharded feature pass, head trained alike on every rank" if replicated else "DDP")
         return {"world_size": self.world, "backend": self.backend,
-                "nodes": max(1, self.world // max(1, self.local_world)),
-                "batch_per_process": batch_size, "global_batch": batch_size * self.world}
+                "nodes": max(1, self.world // max(1, self.local_world)), "mode": mode,
+                "batch_per_process": batch_size, "global_batch": batch_size * (1 if replicated else self.world)}
 
     def where(self) -> str:
         return f"rank {self.rank} of {self.world}"
@@ -264,8 +267,10 @@ class Dist:
 
         synced = sync_batchnorm(model, cuda=self.backend == "nccl")
         ids = [self.device.index] if self.backend == "nccl" else None
-        # broadcast_buffers off: synchronised BatchNorm keeps running statistics equal, frozen ones never change
-        net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        # no buffer broadcast at every forward: synchronised BatchNorm keeps the running statistics equal on every
+        # rank and frozen ones never change (they are still made equal once, when DDP starts)
+        net = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                      gradient_as_bucket_view=True)
         return net, synced
 
     def close(self, clean: bool = True) -> None:
@@ -320,31 +325,49 @@ def setup(device: str = "auto") -> Dist:
 # BatchNorm over the global batch
 # ---------------------------------------------------------------------------------------------------
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: the gradient of each rank's input is the sum of every rank's
+    gradient of the output (each rank's loss depends on the global sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch (every rank's images), for CPUs
-    and gloo, where ``torch.nn.SyncBatchNorm`` refuses to run. One differentiable all-reduce of (sum, sum of
-    squares, count) per layer and step; its backward all-reduces the gradients, so each rank's gradient is
+    and gloo, where ``torch.nn.SyncBatchNorm`` refuses to run. Two differentiable all-reduces (sums and count,
+    then squared deviations) per layer and step; their backward all-reduces the gradients, so each rank's gradient is
     what one process holding the whole batch would compute for its images. Eval mode: plain BatchNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         xf = x.float()
         count = torch.full((1,), float(x.numel() // c), dtype=torch.float32, device=x.device)
-        total = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        # two passes (mean, then squared deviations), as BatchNorm computes them: E[x^2] - mean^2 loses
+        # digits where a channel's mean is large against its spread
+        total = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), count]))
         n = total[-1]
         mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)
+        centred = xf - mean[None, :, None, None]
+        var = _AllReduceSum.apply((centred * centred).sum((0, 2, 3))) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)

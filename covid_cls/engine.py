@@ -570,8 +570,8 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist
         ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
                             on_dev["train"][1])
         model.to("cpu")
-        card = _card(cfg, model, rt, dist, bs, info, decoded, leakage, metrics, cal, history, best_epoch, params,
-                     t_start, roots)
+        card = _card(cfg, model, rt, dist.describe(bs, plan.replicated), info, decoded, leakage, metrics, cal,
+                     history, best_epoch, params, t_start, roots)
         path = save_checkpoint(cfg.out_dir, model, card, ood_stats=ood_stats)
     dist.wait()
     path = Path(dist.broadcast_object(str(path) if path else None))
@@ -584,7 +584,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist
     return path
 
 
-def _card(cfg: TrainConfig, model, rt: Runtime, dist: Dist, bs: int, info, decoded, leakage, metrics,
+def _card(cfg: TrainConfig, model, rt: Runtime, distributed: dict, info, decoded, leakage, metrics,
           cal: _Calibration, history, best_epoch: int, params, t_start: float, roots) -> Card:
     return Card(
         arch=cfg.arch, level=cfg.level, classes=list(CLASSES), positive=POSITIVE, hidden=cfg.hidden,
@@ -594,7 +594,7 @@ def _card(cfg: TrainConfig, model, rt: Runtime, dist: Dist, bs: int, info, decod
         selective={"conformal_qhat": cal.conformal_qhat, "conformal_alpha": cal.conformal_alpha},
         best_epoch=best_epoch, history=history, params=params,
         device=str(rt.device), precision="bf16" if rt.bf16 else "fp32",
-        distributed=dist.describe(bs),
+        distributed=distributed,   # world size, backend, batches (distributed.Dist.describe)
         # what was actually read: the resolved folder, and per split the images decoded and used
         data={"root": str(info.root), "fingerprint": fingerprint([p for s in info.splits.values() for p in s.files]),
               "counts": info.counts(), "read": {k: len(d) for k, d in decoded.items()},

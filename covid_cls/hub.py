@@ -416,6 +416,9 @@ def start_pulls(spec: str, checkpoints_dir: str | os.PathLike) -> threading.Thre
     key = _key(checkpoints_dir)
     statuses = [PullStatus(s) for s in sources]
     with _pulls_lock:
+        running = _threads.get(key)
+        if running is not None and running.is_alive():   # the app built twice (reload): one puller per folder
+            return running
         _pulls[key] = statuses
 
     def run() -> None:

@@ -325,8 +325,8 @@ def test_extracted_uploads_follow_the_size_and_age_policy(tmp_path, monkeypatch)
     from covid_cls.safety import prune_uploads
 
     uploads = tmp_path / "datasets"
-    old = _fake_upload(uploads, "old", 0.1, age_h=30)        # over the 24 h default
-    lru = _fake_upload(uploads, "lru", 1.0, age_h=2)
+    _fake_upload(uploads, "old", 0.1, age_h=30)              # over the 24 h default
+    _fake_upload(uploads, "lru", 1.0, age_h=2)
     in_use = _fake_upload(uploads, "in-use", 1.0, age_h=3)    # older, but a run reads it
     new = _fake_upload(uploads, "new", 1.0, age_h=1)
     stale = uploads / ".abc.xyz.partial"                      # an extraction that never finished

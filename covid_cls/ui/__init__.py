@@ -19,6 +19,9 @@ Settings (environment):
   COVID_CLS_UPLOADS_MAX_MB, COVID_CLS_UPLOADS_MAX_AGE_HOURS  extracted dataset uploads (default 2048 MB, 24 h)
   COVID_CLS_CACHE_MAX_MB, COVID_CLS_CACHE_MAX_AGE_DAYS, COVID_CLS_CACHE_MEMORY_MB  decoded image caches (default
                          4096 MB and 14 days on disk, 2048 MB in a process's memory)
+  COVID_CLS_HUB_MODELS   Hub repos (user/name[@rev]) or local snapshot folders pulled at start-up, ``,``-separated
+  COVID_CLS_MCP          ``1`` also serves Gradio's MCP server (needs ``pip install "gradio[mcp]"``)
+  COVID_CLS_PERSISTENT_DIR  Spaces' persistent storage (default ``/data``, used when writable; ``""`` = never)
 """
 
 from __future__ import annotations

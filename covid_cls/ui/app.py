@@ -34,7 +34,23 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         with gr.Tab("Compare"):
             compare.build(svc, session)
     demo.queue(max_size=64, default_concurrency_limit=2)
+    _describe_api(demo)
     return harden_inputs(demo)   # raw inputs checked before Gradio preprocesses them (issue 11 #16)
+
+
+def _describe_api(demo: gr.Blocks) -> None:
+    """Handlers are bound as ``functools.partial(handler, svc)``, which has neither a name nor a docstring:
+    Gradio's MCP server (COVID_CLS_MCP=1, issue 12 #7) would list them as tools "partial", "partial_1", ...
+    described by partial's own docstring. Name each public endpoint's function after its api_name and, where
+    the event gives no api_description, describe it with its handler's first docstring paragraph."""
+    import functools
+    import inspect
+
+    for fn in demo.fns.values():
+        if fn.api_name and isinstance(fn.fn, functools.partial):
+            fn.fn.__name__ = fn.api_name
+            if fn.api_description is None:
+                fn.api_description = (inspect.getdoc(fn.fn.func) or fn.api_name).split("\n\n")[0]
 
 
 def launch(demo: gr.Blocks | None = None, **kw) -> None:
