@@ -67,6 +67,8 @@ step fc_level 100 "$PY" bench/fc_level.py --data "$TMP/png" --device "$DEVICE" -
   --json "$OUT/fc_level.json" ${FC_EXTRA:-}
 step precision 60 "$PY" bench/precision.py --device "$DEVICE" --batch-size 64 --calls 5 \
   --json "$OUT/precision.json"
+step scale 300 "$PY" bench/scale.py --device "$DEVICE" --procs 1,2,4,8 --rounds 1 --json "$OUT/scale.json" \
+  ${SC_EXTRA:-}   # issue 13: 1 vs N GPUs (DDP); only the counts that fit the GPUs present
 step infer_latency 120 "$PY" bench/infer_latency.py --device "$DEVICE" --calls "$CALLS" --app --app-calls 30 \
   --per-client 8 --json "$OUT/infer_latency.json" ${IL_EXTRA:-}
 

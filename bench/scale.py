@@ -7,14 +7,15 @@ trained per second of the training pass, validation excluded), epoch 1 dropped a
 remaining epochs of every round. Rounds alternate the order of the configurations (noise on a shared machine hits
 all alike).
 
-  CPU (default): N processes share the same cores, each with cores / N threads (OMP_NUM_THREADS), gloo.
-      The ideal speed-up is 1.0: more processes only help if one process cannot use all cores itself.
+  CPU (default): configurations "PxT" = P processes with T threads each (OMP_NUM_THREADS), gloo, on the same
+      cores: 1x<cores> (one process, every core), 1x1 and <cores>x1 by default. On the same cores the ideal
+      speed-up of P processes over one process with every core is 1.0; over 1x1 it is P (when P cores are free).
   CUDA (--device cuda --procs 1,2,4,8): one GPU per process, NCCL; the ideal speed-up is N.
 
 Scaling efficiency = speed-up / ideal. The batch per process is fixed (weak scaling: the global batch grows with
 N), as DDP users run it; --strong keeps the global batch at --batch-size x the smallest N instead.
 
-    python bench/scale.py                                   # CPU: 1 vs 2 processes, ResNet18 partial, 128 px
+    python bench/scale.py                                   # CPU: 1x2, 1x1, 2x1; ResNet18 partial, 128 px
     python bench/scale.py --device cuda --procs 1,2,4,8 --image-size 224 --n 2048 --batch-size 64
     python bench/scale.py --level full --json scale.json
 """
@@ -34,7 +35,7 @@ import _common as C
 
 
 def run_one(a, root: Path, nproc: int, out: Path, env: dict) -> dict:
-    bs = a.batch_size if not a.strong else max(1, a.batch_size * min(a.procs) // nproc)
+    bs = a.batch_size if not a.strong else max(1, a.batch_size * min(p for p, _ in a.configs) // nproc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "covid_cls", "train", "--data", str(root), "--arch", a.arch, "--level", a.level, "--epochs",
            str(a.epochs), "--batch-size", str(bs), "--image-size", str(a.image_size), "--cache-size",
@@ -56,8 +57,9 @@ def run_one(a, root: Path, nproc: int, out: Path, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--procs", default=None, help="process counts, e.g. 1,2 (CPU default) or 1,2,4,8 (CUDA: the "
-                                                  "ones that fit the GPUs present)")
+    ap.add_argument("--procs", default=None, help="CUDA: process counts (one GPU each), default 1,2,4,8 (those "
+                                                  "that fit the GPUs present); CPU: PxT configurations, default "
+                                                  "1x<cores>,1x1,<cores>x1")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--level", default="partial", choices=["partial", "full"])
     ap.add_argument("--n", type=int, default=0, help="training images (default 192 CPU, 2048 CUDA)")
@@ -68,19 +70,27 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epoch 1 is warm-up (default %(default)s)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--render", metavar="JSON", help="print the table of a saved --json run and exit")
     a = ap.parse_args()
+    if a.render:
+        return render(a.render)
     cuda = a.device == "cuda"
     C.resolve_device(a.device)
     import torch
 
     gpus = torch.cuda.device_count() if cuda else 0
-    a.procs = [int(p) for p in (a.procs or ("1,2,4,8" if cuda else "1,2")).split(",")]
-    a.procs = [p for p in a.procs if not cuda or p <= gpus] or [1]
+    cores = os.cpu_count() or 1
+    if cuda:
+        procs = [int(p) for p in (a.procs or "1,2,4,8").split(",")]
+        a.configs = [(p, max(1, cores // p)) for p in procs if p <= gpus] or [(1, cores)]
+    else:
+        spec = a.procs or f"1x{cores},1x1,{cores}x1"
+        a.configs = [tuple(int(v) for v in c.lower().split("x")) if "x" in c else (int(c), max(1, cores // int(c)))
+                     for c in spec.split(",")]
     a.n = a.n or (2048 if cuda else 192)
     a.image_size = a.image_size or (224 if cuda else 128)
     a.cache_size = a.cache_size or a.image_size + 32
     a.batch_size = a.batch_size or (64 if cuda else 16)
-    cores = os.cpu_count() or 1
 
     tmp = Path(tempfile.mkdtemp(prefix="covid-scale-"))
     try:
@@ -94,41 +104,63 @@ def main() -> None:
         info = scan_dataset(root)
         for split in info.splits.values():   # warm the disk cache: no run decodes
             DecodedCache(a.cache_size).get(split, info.root)
-        results: dict[int, list[dict]] = {p: [] for p in a.procs}
+        results: dict[tuple[int, int], list[dict]] = {c: [] for c in a.configs}
         for rnd in range(a.rounds):
-            for p in (a.procs if rnd % 2 == 0 else a.procs[::-1]):
-                threads = max(1, cores // p)
-                r = run_one(a, root, p, tmp / f"out-{p}-{rnd}", {**env, "OMP_NUM_THREADS": str(threads)})
-                r["threads"] = threads
-                results[p].append(r)
-                print(f"round {rnd + 1}, {p} process(es): {C.median(r['images_per_s']):.1f} img/s", flush=True)
+            for p, t in (a.configs if rnd % 2 == 0 else a.configs[::-1]):
+                r = run_one(a, root, p, tmp / f"out-{p}x{t}-{rnd}", {**env, "OMP_NUM_THREADS": str(t)})
+                r["threads"] = t
+                results[(p, t)].append(r)
+                print(f"round {rnd + 1}, {p} process(es) x {t} thread(s): {C.median(r['images_per_s']):.1f} img/s",
+                      flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    report(a, results, cuda, cores)
+
+
+def report(a, results: dict, cuda: bool, cores: int, header: str | None = None) -> None:
+    """The table. Speed-up of P processes: against one process with the same threads (ideal P: P times the
+    devices or cores); on the CPU also against one process using every core (ideal 1: the same cores)."""
     print()
-    print(C.header(f"Scaling: {a.arch} · {a.level}, 1 vs N processes (torchrun + DDP)", a.device))
-    base = C.median(x for r in results[a.procs[0]] for x in r["images_per_s"])
+    print(header or C.header(f"Scaling: {a.arch} · {a.level}, 1 vs N processes (torchrun + DDP)", a.device))
+
+    def ips(cfg):
+        return C.median(x for r in results[cfg] for x in r["images_per_s"])
+
+    all_cores = (1, cores) if (1, cores) in results else None
     rows, out = [], []
-    for p in a.procs:
-        rs = results[p]
-        ips = C.median(x for r in rs for x in r["images_per_s"])
-        ideal = p / a.procs[0] if cuda else 1.0
-        speed = ips / base
-        rows.append([p, rs[0]["backend"], rs[0]["threads"], rs[0]["batch_per_process"], rs[0]["global_batch"],
-                     ips, f"{min(x for r in rs for x in r['images_per_s']):.1f}–"
-                          f"{max(x for r in rs for x in r['images_per_s']):.1f}",
-                     f"{speed:.2f}×", f"{speed / ideal:.2f}", C.median(x for r in rs for x in r["epoch_s"]),
-                     C.median(r["wall_s"] for r in rs)])
-        out.append({**rs[0], "images_per_s_median": ips, "speedup": speed, "efficiency": speed / ideal,
-                    "rounds": rs})
-    print(C.table(["processes", "backend", "threads/proc", "batch/proc", "global batch", "img/s (median)",
-                   "img/s range", "speed-up", "efficiency", "epoch s", "run s (incl. start)"], rows))
+    for p, t in a.configs:
+        rs = results[(p, t)]
+        one = (1, t) if (1, t) in results else a.configs[0]
+        speed = ips((p, t)) / ips(one)
+        eff = speed / (p / one[0])
+        spread = [x for r in rs for x in r["images_per_s"]]
+        row = [p, t, rs[0]["backend"], rs[0]["batch_per_process"], rs[0]["global_batch"], ips((p, t)),
+               f"{min(spread):.1f}–{max(spread):.1f}", f"{speed:.2f}×", f"{eff:.2f}"]
+        if not cuda:
+            row.append(f"{ips((p, t)) / ips(all_cores):.2f}×" if all_cores else "–")
+        rows.append(row + [C.median(x for r in rs for x in r["epoch_s"]), C.median(r["wall_s"] for r in rs)])
+        out.append({**rs[0], "images_per_s_median": ips((p, t)), "speedup": speed, "efficiency": eff, "rounds": rs})
+    heads = ["processes", "threads/proc", "backend", "batch/proc", "global batch", "img/s (median)", "img/s range",
+             "speed-up vs 1 process", "efficiency"] + ([] if cuda else [f"vs 1 process × {cores} threads"])
+    print(C.table(heads + ["epoch s", "run s (incl. start)"], rows))
     print(f"\n{a.n} generated {a.cache_size}² images (training split), {a.image_size} px, {a.epochs} epochs "
-          f"(epoch 1 dropped), {a.rounds} rounds alternating; precision {out[0]['precision']}. "
-          + ("Efficiency = speed-up / N (one GPU per process)." if cuda else
-             f"The processes share the {cores} cores (threads split): the ideal speed-up is 1.0, "
-             "efficiency = speed-up."))
-    C.dump_json(a.json, {"args": vars(a), "results": out})
+          f"(epoch 1 dropped), {a.rounds} rounds alternating; precision {out[0]['precision']}. Speed-up: against "
+          "one process with the same threads per process; efficiency = speed-up / processes"
+          + ("." if cuda else f"; last ratio: against one process using all {cores} cores (the same hardware)."))
+    if a.json:
+        C.dump_json(a.json, {"args": {k: v for k, v in vars(a).items() if k != "render"}, "results": out})
+
+
+def render(path: str) -> None:
+    """Print the table of a saved --json run again."""
+    d = json.loads(Path(path).read_text())
+    a = argparse.Namespace(**{**d["args"], "json": None})
+    a.configs = [tuple(c) for c in a.configs]
+    results = {(r["procs"], r["threads"]): r["rounds"] for r in d["results"]}
+    cuda = a.device == "cuda"
+    cores = max(p * t for p, t in a.configs) if not cuda else os.cpu_count() or 1
+    report(a, results, cuda, cores, header=f"## Scaling: {a.arch} · {a.level} (from {path})")
 
 
 if __name__ == "__main__":

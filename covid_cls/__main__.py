@@ -236,6 +236,10 @@ def cmd_predict(a) -> int:
     from .errors import ImageError
     from .predictor import Predictor
 
+    if getattr(a, "csv", None) or any(Path(i).is_dir() or i.lower().endswith(".zip") for i in a.images):
+        from .batch import cli_predict  # a folder or a zip, or --csv: batch prediction (issue 12 #3)
+
+        return cli_predict(a, DISCLAIMER)
     pred = Predictor(a.checkpoints, device=a.device)
     out = Path(a.overlay_dir) if a.overlay_dir else None
     if out:
@@ -348,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, _field("device"), help="where to run (default: %(default)s)")
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("predict", help="classify images and save Grad-CAM overlays")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("predict", help="classify images (files, folders or zips) and save Grad-CAM overlays")
+    p.add_argument("images", nargs="+", help="image files, or folders / .zip files of images (batch)")
+    p.add_argument("--csv", help="write one row per image here (file, label, decision, probabilities, reasons, "
+                   "error)")
+    p.add_argument("--max-files", type=int, default=10_000, help="at most this many images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
     for name in ("arch", "level"):
         add_option(p, _field(name))
     add_option(p, _field("device"), help="where to run (default: %(default)s)")

@@ -47,6 +47,7 @@ import contextlib
 import datetime
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -158,7 +159,8 @@ class Dist:
         if not (isinstance(exc, dist_error) or any(w in text for w in ("gloo", "NCCL", "Connection closed",
                                                                          "Timed out", "timed out", "ProcessGroup"))):
             return exc
-        first = text.strip().splitlines()[0][:300] if text.strip() else exc.__class__.__name__
+        first = text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:200]   # gloo's source prefix
         err = DistributedError(
             f"{self.where()}: lost contact with another rank ({first}). A rank crashed, was killed or did not "
             f"answer within {_env_int(TIMEOUT_ENV, TIMEOUT_S)} s ({TIMEOUT_ENV}); torchrun ends the others. "

@@ -154,7 +154,10 @@ def _weights_text(card: Card) -> str:
 
 
 def render(card: Card, repo_id: str) -> str:
-    """The full model card: YAML metadata between ``---`` lines, then the text."""
+    """The full model card: YAML metadata between ``---`` lines, then the text.
+
+    Over ~80 lines because most of it is the card's text itself, kept in reading order as one template.
+    """
     from .models import ARCHS
 
     data = dataset_id(card)

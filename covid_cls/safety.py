@@ -341,6 +341,9 @@ class _RecentUploads:
             self._items[key] = (time.monotonic(), data)
             self._trim()
 
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
     def get(self, key: str) -> bytes | None:
         with self._lock:
             self._trim()
@@ -360,6 +363,11 @@ class _RecentUploads:
 _recent_uploads = _RecentUploads()
 
 
+def recently_taken(path: str | os.PathLike) -> bool:
+    """Whether ``path`` was read (and deleted) as an upload in the last minutes (see _RecentUploads)."""
+    return str(Path(path)) in _recent_uploads
+
+
 def take_upload(path: str | os.PathLike, limit: int, delete: bool = True) -> bytes:
     """Read an uploaded file into memory and delete it (whatever happens) when ``delete``; the caller says
     whether the file is an upload of this request (never delete a file someone else's session owns). Raises
@@ -375,7 +383,7 @@ def take_upload(path: str | os.PathLike, limit: int, delete: bool = True) -> byt
             _recent_uploads.put(key, data)
         return data
     except FileNotFoundError:
-        data = _recent_uploads.get(key) if delete else None
+        data = _recent_uploads.get(key)   # only uploads are ever put there
         if data is None:
             raise
         return data

@@ -150,3 +150,27 @@ def non_xray_images(n: int = 20, size: int = 256, seed: int = 0) -> dict[str, li
                 d.polygon([(int(x0), int(y0 + h)), (int(x0 + w // 2), int(y0)), (int(x0 + w), int(y0 + h))], fill=g)
         out["shapes"].append(shapes)
     return out
+
+
+#: the Predict tab's examples (issue 12 #4): file name -> what it shows; all generated here, so we may ship them
+EXAMPLES = {
+    "synthetic-xray-with-lesion.png": "synthetic X-ray with a lesion",
+    "synthetic-xray-no-lesion.png": "synthetic X-ray without a lesion",
+    "photo-not-an-xray.png": "a photo, not an X-ray (shows the warning)",
+}
+
+
+def write_example_images(directory: str | os.PathLike, size: int = 320) -> list[Path]:
+    """Write the three example images of the Predict tab into ``directory`` (each well under 100 KB): a
+    synthetic X-ray with a lesion, one without, and a colour photo-like picture that is not an X-ray (the OOD
+    check flags it). SYNTHETIC: no patient data. Returns the paths, in ``EXAMPLES`` order."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    lesion = synthetic_xray(size, infected=True, seed=2)[0]    # seed 2: one lesion well inside the left lung
+    clear = synthetic_xray(size, infected=False, seed=7)[0]
+    photo = non_xray_images(1, size, seed=3)["colour_scene"][0].quantize(128)   # 128 colours: ~65 KB
+    paths = []
+    for name, img in zip(EXAMPLES, (Image.fromarray(lesion), Image.fromarray(clear), photo)):
+        img.save(out / name, optimize=True)
+        paths.append(out / name)
+    return paths

@@ -81,7 +81,55 @@ def test_upload_predict_shows_overlay_and_label(page, served, tmp_path):
     assert "not a diagnosis" in text and ("infected" in text or "normal" in text)
     assert page.locator("#cc-overlay img").evaluate("img => img.naturalWidth") > 100
     assert page.get_by_text("Error").count() == 0
+
+
+def test_an_example_fills_the_upload_and_predicts(page, served, tmp_path):
+    """The Predict tab's examples (issue 12 #4): a click shows the image; Predict gives label and heatmap."""
+    page.get_by_role("tab", name="Predict").click()
+    page.get_by_text("synthetic X-ray with a lesion").first.click()
+    page.locator("#cc-preview img").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Predict", exact=True).click()
+    info = page.locator("#cc-info")
+    page.wait_for_function("() => (document.querySelector('#cc-info')?.innerText || '').includes('Prediction:')"
+                           " && document.querySelector('#cc-overlay img')", timeout=60_000)
+    assert "not a diagnosis" in info.inner_text()
+    assert page.locator(ERROR_STYLED).count() == 0
+    time.sleep(1)   # let the overlay paint
     _shot(page, "predict.png", tmp_path)
+
+
+ERROR_STYLED = ".toast-body.error, [data-testid='status-tracker'] .error"   # Gradio's red toast, red output box
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """The app on a fresh machine: no model at all."""
+    from covid_cls.ui import Settings
+
+    root = tmp_path_factory.mktemp("fresh")
+    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True,
+                        max_upload=50 * 2**20, roots_env="")
+    with launched_app(settings) as app:
+        yield app.url
+
+
+def test_predict_without_a_model_guides_and_paints_no_error(page, fresh):
+    """Issue 12 #4: before, a red "Error" toast and two red "Error" boxes; now the hint and the button."""
+    pg = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
+    try:
+        pg.goto(fresh, wait_until="domcontentloaded")
+        pg.get_by_role("button", name="Predict", exact=True).wait_for(timeout=60_000)
+        pg.get_by_text("synthetic X-ray with a lesion").first.click()
+        pg.locator("#cc-preview img").wait_for(timeout=30_000)
+        pg.get_by_role("button", name="Predict", exact=True).click()
+        pg.locator("#cc-info").get_by_text("No model for ResNet18 · fc yet").wait_for(timeout=30_000)
+        time.sleep(1.5)   # a toast would have appeared by now
+        assert pg.locator(ERROR_STYLED).count() == 0
+        assert pg.get_by_text("Error", exact=True).count() == 0
+        assert pg.get_by_role("button", name="Train quick demo model").is_visible()
+        assert "Train quick demo model" in pg.locator("#cc-info").inner_text()
+    finally:
+        pg.close()
 
 
 def test_a_colour_photo_shows_uncertain_in_the_label_area(page, served, tmp_path):

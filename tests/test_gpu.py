@@ -92,6 +92,7 @@ def test_a_1024px_upload_through_the_app_on_cuda(tmp_path, fc_checkpoint):
     from gradio_client import Client, handle_file
 
     from covid_cls.ui import Settings
+
     from helpers import copy_checkpoint, launched_app
 
     settings = dataclasses.replace(Settings.from_env(), checkpoints=tmp_path / "ck", runs=tmp_path / "runs",

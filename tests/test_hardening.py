@@ -981,3 +981,33 @@ def test_no_argument_is_a_server_error(app, capfd):
     assert not list(app.settings.runs.glob("run-*.json"))   # no run was started
     # the endpoints without arguments answer too
     assert "No run in progress" in app.client.predict(api_name="/stop")
+
+
+@pytest.mark.http
+def test_every_named_endpoint_refuses_every_hostile_argument(app):
+    """Fuzz: each parameter of each named endpoint (as the API lists them now, so new endpoints are covered) in
+    turn replaced by a dict, a NUL-carrying text and a megabyte of text, the others at their defaults (a folder
+    that does not exist: nothing can start). Each call: a clear, short message, never a server error."""
+    api = app.client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    hostile = {"a dict": {"x": [1, 2]}, "NUL": "fc\x00", "1 MB": BIG}
+    problems, calls = [], 0
+    for name, endpoint in api.items():
+        params = endpoint["parameters"]
+        base = []
+        for p in params:
+            value = p.get("parameter_default") if p.get("parameter_has_default") else None
+            value = {"folder": MISSING, "source": "server folder"}.get(p["parameter_name"], value)
+            base.append(value)
+        for i, p in enumerate(params):
+            for what, value in hostile.items():
+                calls += 1
+                try:
+                    msg = _app_error(lambda: app.client.submit(*_with(base, i, value), api_name=name).result(
+                        timeout=120))
+                except AssertionError as exc:
+                    problems.append(f"{name} {p['parameter_name']}={what}: {str(exc)[:150]}")
+                    continue
+                if len(msg) > 700:
+                    problems.append(f"{name} {p['parameter_name']}={what}: a {len(msg)}-character message")
+    assert calls >= 100 and not problems, "\n".join(problems)
+    assert not list(app.settings.runs.glob("run-*.json"))

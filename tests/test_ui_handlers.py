@@ -152,13 +152,26 @@ def test_the_cli_has_one_flag_per_train_config_option():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_predict_without_a_model_guides_the_user(svc, tmp_path):
+def test_predict_without_a_model_guides_the_user(svc, tmp_path, fc_checkpoint):
     from covid_cls.ui.predict import checkpoint_choices, predict
 
-    with pytest.raises(gr.Error, match="No trained model"):
-        predict(svc, _upload(tmp_path), "vgg16", "full", "", None)
+    # issue 12 #4: a fresh machine's Predict button guides (plain markdown), it does not raise an error
+    upload = _upload(tmp_path)
+    label, overlay, info, state = predict(svc, upload, "vgg16", "full", "", None)
+    assert label is None and overlay is None and state is None
+    assert "No model for VGG16 · full yet" in info and "Train quick demo model" in info
+    assert "choose **ResNet18 · fc**" in info and "about" in info and "not a diagnosis" in info
+    assert Path(upload).exists()                          # the upload waits for the model
+    info = predict(svc, None, "resnet18", "fc", "", None)[2]
+    assert "No model for ResNet18 · fc yet" in info and "choose" not in info
     dropdown, note, demo_button = checkpoint_choices(svc, "vgg16", "full")
     assert dropdown["choices"] == ["best for this pair"] and "quick demo" in note and demo_button["visible"]
+    svc.settings.training = False                         # no quick demo to offer: says where models come from
+    assert "Training is switched off" in predict(svc, upload, "resnet18", "fc", "", None)[2]
+    with pytest.raises(gr.Error, match="unknown fine-tuning level"):
+        predict(svc, upload, "resnet18", "nope", "", None)
+    svc.settings.training = True
+    copy_checkpoint(fc_checkpoint, svc.settings.checkpoints)
     with pytest.raises(gr.Error, match="Upload an X-ray image first"):
         predict(svc, None, "resnet18", "fc", "", None)
 

@@ -175,6 +175,14 @@ def raw_input_problem(block: Any, value: Any) -> str | None:
         return None   # from the session, not from the client
     if value is None:
         return f"{what}: a list of choices is required, not None" if isinstance(block, gr.CheckboxGroup) else None
+    if isinstance(block, gr.File) and getattr(block, "file_count", "single") != "single":   # a batch (issue 12)
+        if not isinstance(value, list) or len(value) > MAX_FILES_LIST:
+            return f"{what}: expected a list of at most {MAX_FILES_LIST} files, not {_short(value)}"
+        for v in value:
+            if not (isinstance(v, dict) and isinstance(v.get("path"), str) and len(v["path"]) <= MAX_TEXT
+                    and "\x00" not in v["path"]):
+                return f"{what}: expected files (gradio_client: [handle_file(path), ...]), not {_short(v)}"
+        return None
     if isinstance(block, gr.File):
         ok = isinstance(value, dict) and isinstance(value.get("path"), str) and len(value["path"]) <= MAX_TEXT
         ok = ok and "\x00" not in value["path"]
@@ -188,6 +196,9 @@ def raw_input_problem(block: Any, value: Any) -> str | None:
     if isinstance(block, (gr.Radio, gr.Dropdown, gr.Textbox, gr.Number, gr.Slider)):
         return _scalar_problem(what, value)
     return None
+
+
+MAX_FILES_LIST = 1000   # files of one multi-file input (a batch counts its images itself: at most 200)
 
 
 def _scalar_problem(what: str, value: Any) -> str | None:
@@ -262,7 +273,12 @@ def is_own_upload(path: str) -> bool:
 
 
 def forget_upload(path: str) -> None:
-    """Drop a deleted upload from Gradio's upload set (it would otherwise keep the name forever)."""
+    """Drop a deleted upload from Gradio's upload set (it would otherwise keep the name forever) — unless the same
+    content was uploaded again meanwhile (same name: Gradio names uploads after their content)."""
+    import os
+
+    if os.path.exists(path):
+        return
     try:
         from gradio.context import LocalContext
 
@@ -387,13 +403,14 @@ def reblend_state(alpha: float, state: dict | None):
 def read_upload(path: str | None, limit: int) -> bytes:
     """Read an uploaded file into memory and delete it: uploads are not kept after the request. A file that is
     not an upload (another session's result, say) is read but never deleted."""
-    from ..safety import take_upload
+    from ..safety import recently_taken, take_upload
 
     if not path:
         raise gr.Error("Upload an X-ray image first.")
     check_text("the upload's path", path)
     purge_gradio_temp()
-    own = is_own_upload(path)
+    # an upload, or one read moments ago by a request for the same content (which dropped it from the set)
+    own = is_own_upload(path) or recently_taken(path)
     try:
         # Also serves a second request for the same content (same path) that arrives just after the first.
         return take_upload(path, limit, delete=own)

@@ -30,12 +30,12 @@ if TYPE_CHECKING:
 
 def checkpoint_choices(svc: Services, arch: str, level: str):
     """Checkpoint dropdown for (arch, level), the "no model yet" note, and whether to offer the quick demo."""
-    from .train import quick_demo_title
+    from .train import QUICK_DEMO_TIME, quick_demo_title
 
     names = [file_name(c) for c in svc.cards(arch, level)]
     note = "" if names else (f"No trained model for **{arch} · {level}** yet. Train one in the Train tab, or "
-                             f"press **Train quick demo model** ({quick_demo_title()} on synthetic data, about a "
-                             "minute on a CPU).")
+                             f"press **Train quick demo model** ({quick_demo_title()} on synthetic data, "
+                             f"{QUICK_DEMO_TIME}).")
     return (gr.update(choices=[BEST] + names, value=BEST), note,
             gr.update(visible=not names and svc.settings.training))
 
@@ -64,11 +64,44 @@ def session_image(svc: Services, path: str | None, session: dict | None):
 def predict(svc: Services, path: str | None, arch: str, level: str, checkpoint: str | None,
             session: dict | None = None):
     """-> (headline, probabilities) for the label, overlay, info markdown, the state the opacity slider
-    re-blends from. The headline is "uncertain — ..." when the model abstains (``headline``)."""
+    re-blends from. The headline is "uncertain — ..." when the model abstains (``headline``).
+
+    No model for the pair yet (a fresh machine): the guidance to train the quick demo model, as plain
+    markdown — no error toast, no error boxes (issue 12 #4); API calls still get the error."""
+    guide = no_model_guidance(svc, arch, level, checkpoint)
+    if guide is not None:
+        return None, None, guide, None
     image = session_image(svc, path, session)
     p = svc.predict(image, arch, level, None if not checkpoint or checkpoint == BEST else checkpoint)
     state = slider_state(p, Path(path).name if path else session.get("name"))   # bounded (issue 11 #2)
     return headline(p), unique_image(p.overlay), prediction_markdown(p), state
+
+
+def no_model_guidance(svc: Services, arch: str, level: str, checkpoint: str | None) -> str | None:
+    """What the Predict button shows in the browser when no model exists for (arch, level) and none was named:
+    how to get one (the quick demo model: what it is and how long it takes), never an error. None otherwise,
+    and always for API calls (a client needs the error to notice)."""
+    from ..models import check_level, get_spec
+    from .common import is_api_call
+    from .train import QUICK_DEMO_TIME, quick_demo_title
+
+    title = f"{get_spec(arch).title} · {check_level(level)}"   # unknown names: the usual error
+    if (checkpoint and checkpoint != BEST) or is_api_call() or svc.cards(arch, level):
+        return None
+    others = sorted({f"{c.title}" for c in svc.cards()})
+    there = f"Models on this server: {', '.join(others)} — pick one of those pairs above." if others else ""
+    if svc.settings.training:
+        steps = (f"Press **Train quick demo model** (under the Predict button): {quick_demo_title()} trained on "
+                 f"synthetic images, {QUICK_DEMO_TIME}. When it is ready"
+                 + ("" if quick_demo_title() == title else f", choose **{quick_demo_title()}** above and")
+                 + " press **Predict** again — your upload stays where it is.\n\nOr train a model on your own "
+                 "data in the **Train** tab.")
+    else:
+        steps = ("Training is switched off on this server; models come from its checkpoint folder or the "
+                 "Hugging Face Hub (`COVID_CLS_HUB_MODELS`).")
+    return "\n\n".join(p for p in (f"### No model for {title} yet\nThere is no trained model for this pair on "
+                                      "this server yet, so there is nothing to predict with (your image is fine).",
+                                      steps, there, f"_{DISCLAIMER}_") if p)
 
 
 def headline_label(**kw) -> gr.Label:
@@ -136,12 +169,15 @@ def reblend(alpha: float, state: dict | None):
 
 def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
     from ..imaging import describe_limits
+    from . import batch as batch_ui
+    from .examples import example_paths
     from .train import quick_demo
 
     with gr.Row():
         with gr.Column(scale=1):
             upload = gr.File(label="Chest X-ray (PNG, JPEG, TIFF, BMP, WebP, DICOM)", type="filepath")
             gr.Markdown(f"<small>{describe_limits()}</small>")
+            examples_at = gr.Column()   # filled below, once the preview exists
             arch = option("arch")
             level = option("level", label="Fine-tuning level")
             ckpt = gr.Dropdown([BEST], value=BEST, label="Checkpoint", allow_custom_value=True)
@@ -159,6 +195,14 @@ def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
             alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
             info = gr.Markdown(elem_id="cc-info")
             cam_state = gr.State(None, time_to_live=STATE_TTL_S)   # API sessions never close (issue 11 #2)
+
+    with examples_at:   # issue 12 #4: synthetic images we may ship; nothing predicted or cached ahead
+        examples = example_paths()
+        gr.Examples([[p] for p, _ in examples], inputs=[upload], outputs=[preview, session],
+                    fn=partial(upload_preview, svc), run_on_click=True, cache_examples=False,
+                    label="Examples (synthetic — not patient data)", example_labels=[lab for _, lab in examples],
+                    api_visibility="private")
+    batch_ui.build(svc, arch, level, ckpt)   # several files or a zip (issue 12 #3)
 
     choices = partial(checkpoint_choices, svc)
     upload.upload(partial(upload_preview, svc), [upload], [preview, session], api_visibility="private")

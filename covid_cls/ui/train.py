@@ -39,6 +39,8 @@ MAIN_ROWS = (("arch",), ("level",), ("epochs",), ("lr", "batch_size"), ("optimiz
 ADVANCED_ROWS = (("image_size",), ("seed",))
 SLIDERS = {"epochs": dict(minimum=1, maximum=50, step=1), "image_size": dict(minimum=64, maximum=320, step=32)}
 QUICK_DEMO = dict(epochs=8, optimizer="adam", lr=1e-3, image_size=224)   # arch and level: TrainConfig's defaults
+# How long the quick demo takes, as measured through the `quick_demo` handler (issue 12 #4; README "Quick start").
+QUICK_DEMO_TIME = "about 25 s on a 2-core CPU"
 OFF_NOTE = ("### Training is switched off on this server\nThis deployment sets `COVID_CLS_TRAINING=0` (a public "
             "Space shares one machine between all visitors, and fine-tuning would block it for minutes). Run the "
             "app locally to train: `python app.py`.")
@@ -208,8 +210,10 @@ def build(svc: Services) -> SimpleNamespace:
     with gr.Row(visible=svc.settings.training):
         with gr.Column(scale=1):
             source = gr.Radio(SOURCES, value=SOURCES[0], label="Dataset")
+            # "hidden", not False: an unrendered Textbox reaches the handlers as None from the browser, which
+            # their argument check refuses ("folder must be text"); a hidden one keeps sending its "" value
             folder = gr.Textbox(label="Server folder (under COVID_CLS_DATA_ROOTS)", placeholder="/data/cxr",
-                                visible=False)
+                                visible="hidden")
             zip_up = gr.File(label="ImageFolder .zip", file_types=[".zip"], visible=False, type="filepath")
             scan_btn = gr.Button("Scan dataset")
             scan_md = gr.Markdown()
@@ -224,7 +228,8 @@ def build(svc: Services) -> SimpleNamespace:
                 stop_btn = gr.Button("Stop", variant="stop")
         with gr.Column(scale=2):
             out = _outputs()
-    source.change(lambda s: (gr.update(visible=s == SOURCES[1]), gr.update(visible=s == SOURCES[2])),
+    source.change(lambda s: (gr.update(visible=True if s == SOURCES[1] else "hidden"),
+                             gr.update(visible=s == SOURCES[2])),
                   [source], [folder, zip_up], api_visibility="private")
     scan_btn.click(partial(scan, svc), [source, folder, zip_up], [scan_md, scan_df, resolved], api_name="scan")
     start_btn.click(endpoint(train_endpoint, svc, ("source", "folder", "zip_path"), TRAIN_INPUTS),
