@@ -14,7 +14,8 @@ fresh process:
 - HTTP (``--http``): the app (``covid_cls.ui.launch``) in its own process, driven by gradio_client from this
   one: ``/compare`` once, then ``/predict`` for every pair.
 
-Reported: peak RSS (``ru_maxrss`` of the serving process; VmHWM for the app), RSS when done and 3 s later (after
+Reported: peak RSS (VmHWM of the serving process: its ``ru_maxrss``, which Linux would carry over from this
+process through the exec), RSS when done and 3 s later (after
 the app's ``malloc_trim``), the models left in the cache and their bytes, and the wall time. Variants:
 
 - ``budget``: the default, an LRU bounded by ``COVID_CLS_MODEL_MEMORY_MB`` (2048) and by count (3);
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -108,12 +108,12 @@ def child_predictor(checkpoints: str, image: str) -> None:
         for arch, level in pairs():
             p = pred.predict(data, arch=arch, level=level)
             steps.append({"step": f"{round_} {arch}·{level}", "rss_mb": round(rss_mb()),
-                          "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                          "peak_mb": round(rss_mb("self", "VmHWM")),
                           "label": p.label})
             del p
     done = rss_mb()
     time.sleep(3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb("self", "VmHWM")   # ru_maxrss would carry the parent's peak over the exec (Linux keeps it)
     print(json.dumps({"base_mb": round(base), "peak_mb": round(peak),
                       "after_mb": round(done), "after_3s_mb": round(rss_mb()),
                       "loaded": [Path(k).name for k in pred.loaded()], "loaded_mb": round(pred.loaded_bytes() / 2**20),

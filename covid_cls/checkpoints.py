@@ -220,12 +220,49 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as f:
             _check_header(path, card, f.metadata() or {}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = _read_tensors(path)
     except SafetensorError as exc:
         raise _corrupt(path, str(exc)) from exc
     state = {k: v for k, v in tensors.items() if not k.startswith("ood.")}
     extras = {k: v for k, v in tensors.items() if k.startswith("ood.")}
     return Checkpoint(path, card, state, extras)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (already validated by ``safe_open``), each read straight into its own
+    memory with ``readinto``. ``safe_open(...).get_tensor`` returns views of a private mmap of the whole file:
+    all of its pages count in the process's RSS while any tensor lives, and a model adopting them would read
+    from the file for as long as it is loaded (a file truncated in place would crash the server: SIGBUS). Here
+    the file goes through the page cache only; the process holds each tensor once (issue 12 #6)."""
+    import sys
+
+    if sys.byteorder != "little":   # safetensors is little-endian; let the library convert
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        start = 8 + n
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            lo, hi = info["data_offsets"]
+            if hi - lo != t.numel() * t.element_size():
+                raise CheckpointError(f"{path.name}: tensor {key} has {hi - lo} bytes for shape {info['shape']}")
+            if hi > lo:
+                f.seek(start + lo)
+                if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != hi - lo:
+                    raise CheckpointError(f"{path.name}: tensor {key} is cut short")
+            out[key] = t
+    return out
 
 
 def _check_header(path: Path, card: Card, meta: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -167,6 +167,11 @@ class _Batches:
         return _Batches(self.x[rows], self.y[rows], self.bs)
 
 
+def _on_any_rank(dist: Dist | None, flag: bool) -> bool:
+    """``flag``; with several ranks, whether any rank raised it (all of them then act alike)."""
+    return dist.any(flag) if dist is not None else bool(flag)
+
+
 def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], torch.Tensor],
                     batches: _Batches, opt: torch.optim.Optimizer, loss_fn: Callable, *,
                     rt: Runtime, generator: torch.Generator, scheduler=None,
@@ -189,14 +194,14 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
     seen, t0 = 0, time.perf_counter()
     steps = len(batches)
     for step, (x, y, m) in enumerate(batches.steps(order), start=1):
-        requested = stop is not None and stop.is_set()
-        if dist.any(requested) if dist is not None else requested:   # every rank stops at the same step
+        if _on_any_rank(dist, stop is not None and stop.is_set()):   # every rank stops at the same step
             raise TrainingStopped("stopped on request")
         with rt.autocast():
             logits = forward(x, True)
             loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
-        # DDP averages the ranks' gradients: scaled so, the result is the mean loss's over the global batch
+        # DDP averages the ranks' gradients; with this scale the average is the gradient of the mean loss over
+        # the m images of the global batch, also when the ranks hold different numbers of them (1 with one process)
         scale = len(y) * batches.world / m
         (loss * scale if scale != 1 else loss).backward()
         opt.step()
@@ -212,7 +217,7 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
         seen += n
         if step % log_every == 0 or step == steps:
             bad = int(bad_step)
-            if dist.any(bad != 0) if dist is not None else bad:
+            if _on_any_rank(dist, bad != 0):
                 where = f"at epoch {epoch}, step {bad}" if bad else f"on another rank, by epoch {epoch} step {step}"
                 raise TrainingError(
                     f"the loss became {float(bad_loss) if bad else 'non-finite'} {where}: training "

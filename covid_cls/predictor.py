@@ -136,18 +136,31 @@ class Predictor:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            # room first (issue 12 #6): evicting only after loading held one model too many at the peak
+            evicted = self._evict(incoming=_expected_bytes(path))
             ckpt = load_checkpoint(path)
             model = model_from_checkpoint(ckpt, self.device).requires_grad_(False)   # inference only
+            card, ood_stats = ckpt.card, ckpt.ood_stats
+            del ckpt   # its state dict: the model's own tensors on the CPU, a second copy on CUDA
             self.runtime.model(model)
-            loaded = _Loaded(model, ckpt.card, CamExplainer(model), ckpt.ood_stats)
+            loaded = _Loaded(model, card, CamExplainer(model), ood_stats)
             self._warm_up(loaded)
             self._cache[key] = loaded
-            while len(self._cache) > 1 and (len(self._cache) > self.max_models
-                                            or sum(v.nbytes for v in self._cache.values()) > self.max_bytes):
-                self._cache.popitem(last=False)   # dropped; nothing else holds it
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            evicted += self._evict()   # in case the estimate was short
+            if evicted:
+                _release_memory(self.device)
             return loaded
+
+    def _evict(self, incoming: int = 0) -> int:
+        """Drop least recently used models until ``incoming`` more bytes (one more model when > 0) fit in the
+        count and byte budgets; the newest model always stays. Returns how many were dropped. Lock held."""
+        dropped, coming = 0, 1 if incoming else 0
+        while len(self._cache) > 1 - coming and (
+                len(self._cache) + coming > self.max_models
+                or sum(v.nbytes for v in self._cache.values()) + incoming > self.max_bytes):
+            self._cache.popitem(last=False)   # dropped; only a request still running may hold it
+            dropped += 1
+        return dropped
 
     def _load_first_valid(self, paths: list[Path], explicit: bool) -> tuple[Path, _Loaded]:
         errors = []
@@ -245,6 +258,47 @@ class Predictor:
                 device=_device_name(self.device), latency_ms=per_image_ms + (time.perf_counter() - t1) * 1000,
                 checkpoint=str(path), card=card, image=img, ood=ood))
         return results
+
+
+_SIZES: dict[tuple, int] = {}
+
+
+def _expected_bytes(path: Path) -> int:
+    """The bytes of the tensors the model in ``path`` will hold once loaded (from its card: the structure built
+    on the meta device, which allocates nothing; cached per shape). 0 when the card cannot be read (the load
+    will say why)."""
+    from .checkpoints import read_card
+    from .models import build_model
+
+    card = read_card(path)
+    if card is None:
+        return 0
+    key = (card.arch, card.level, card.num_classes, card.hidden)
+    if key not in _SIZES:
+        try:
+            with torch.device("meta"):
+                model = build_model(card.arch, card.level, weights="none", num_classes=card.num_classes,
+                                    hidden=card.hidden)
+        except Exception:  # noqa: BLE001 - an odd card: no estimate; loading it will report the problem
+            return 0
+        _SIZES[key] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return _SIZES[key]
+
+
+def _release_memory(device: torch.device) -> None:
+    """After evicting: collect the dropped models now (a Grad-CAM hook makes a reference cycle, which would wait
+    for the next garbage collection) and hand the freed heap back to the OS (glibc ``malloc_trim``)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _set_reasons(card: Card, probs: list[float]) -> list[str]:
