@@ -189,19 +189,21 @@ def split_duplicates(hashes: Mapping[str, np.ndarray], max_distance: int | None 
     return out
 
 
-def dataset_leakage(root, cache_size: int = 256, decoded: Mapping | None = None, limit: int = 50) -> dict:
+def dataset_leakage(root, cache_size: int = 256, decoded: Mapping | None = None, limit: int = 50,
+                    roots=None) -> dict:
     """Near-duplicate images across the splits of a dataset folder: what Scan reports before training.
 
     Decodes through ``DecodedCache`` (decode once: training reuses the same squares) unless ``decoded``
-    ({split: DecodedSplit}) is given. Returns ``{"pairs": [{"a": "train/x.png", "b": "test/y.png",
-    "distance": d}, ...], "count": n, "train_hashes": [...]}``; a test image that is a copy of a training
+    ({split: DecodedSplit}) is given; ``roots`` as in ``scan_dataset`` (the app's allowed folders). Returns
+    ``{"pairs": [{"a": "train/x.png", "b": "test/y.png", "distance": d}, ...], "count": n, "train_hashes":
+    [...]}``; a test image that is a copy of a training
     image makes every metric look better than it is.
     """
     if decoded is None:
         from .data import DecodedCache, scan_dataset
 
-        info = scan_dataset(root)
-        cache = DecodedCache(cache_size)
+        info = scan_dataset(root, roots=roots)
+        cache = DecodedCache(cache_size, roots=roots)
         decoded = {k: cache.get(s, info.root) for k, s in info.splits.items()}
     hashes = {k: phash(d.images) for k, d in decoded.items()}
     pairs = split_duplicates(hashes)

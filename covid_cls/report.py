@@ -114,3 +114,29 @@ def comparison_line(res: dict, name_a: str = "A", name_b: str = "B") -> str:
 
 __all__ = ["CI_METRICS", "num", "interval", "with_ci", "metrics_line", "threshold_text", "pct", "selective_line",
            "reasons_line", "duplicates_line", "signed", "p_text", "verdict", "comparison_line"]
+
+
+def leakage_text(found: dict | None, n_images: int = 0, limit: int = 0) -> str:
+    """Scan's line about near-duplicate images across splits (markdown); ``found`` None = not checked."""
+    if found is None:
+        return (f"  \nNear-duplicate check: {n_images:,} images is more than Scan decodes ({limit:,}); "
+                "training runs it and logs any pair it finds.")
+    if not found["count"]:
+        return "  \nNear-duplicates across splits: none found (perceptual hash)."
+    pairs = "".join(f"\n- `{p['a']}` ~ `{p['b']}` (distance {p['distance']})" for p in found["pairs"][:10])
+    return (f"  \n**⚠️ {found['count']} near-duplicate pair(s) across splits** — a test image seen in training "
+            f"makes every metric look better than it is:{pairs}")
+
+
+METRIC_HEADERS = ["split", "AUC [95% CI]", "sensitivity [95% CI]", "specificity [95% CI]", "F1 [95% CI]",
+                  "ECE [95% CI]", "accuracy", "n"]
+
+
+def metrics_rows(metrics: dict, splits: tuple[str, ...] = ("validation", "test")) -> list[list]:
+    """One row per split: each metric with its 95 % bootstrap interval ("0.903 [0.851, 0.947]")."""
+    rows = []
+    for split in splits:
+        m = metrics.get(split) or {}
+        rows.append([split] + [with_ci(m, k) for k in ("auc", "sensitivity", "specificity", "f1", "ece")]
+                    + [num(m.get("accuracy")), m.get("n")])
+    return rows

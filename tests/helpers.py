@@ -313,3 +313,42 @@ REJECTS: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "over-pixel-limit-8000x8000": (lambda: png_declaring(8000, 8000), "big.png", "60 megapixels"),
     "pil-warning-range-10000x9000": (lambda: png_declaring(10_000, 9000), "big.png", "too large"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# small builders shared by the safety tests
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_png(seed: int = 0, size: int = 96) -> bytes:
+    """A synthetic X-ray-like PNG (infected for odd seeds)."""
+    import io
+
+    from PIL import Image
+
+    from covid_cls.synthetic import synthetic_xray
+
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_xray(size, infected=bool(seed % 2), seed=seed)[0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def copy_dataset(src: Path, dst: Path, per_class: int = 3) -> Path:
+    """The first ``per_class`` images of every split x class of ``src`` copied into ``dst``."""
+    for split in ("train", "validation", "test"):
+        for cls in ("infected", "normal"):
+            (dst / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[:per_class]:
+                shutil.copy(f, dst / split / cls / f.name)
+    return dst
+
+
+def zip_bytes(entries, compression: int | None = None) -> bytes:
+    """A zip (in memory) of (name, bytes) entries, deflated by default."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compression is None else compression) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()

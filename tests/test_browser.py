@@ -1,6 +1,7 @@
 """The app in a real browser: headless Debian Chromium driven by Playwright (never `playwright install`).
 
-Set UPDATE_SCREENSHOTS=1 to refresh the README screenshots in docs/.
+Set UPDATE_SCREENSHOTS=1 to refresh the README screenshots in docs/ (served with a quick demo model, trained
+first: ~25 s more; docs/predict.png shows the first example).
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ def served(tmp_path_factory, fc_checkpoint):
 
     root = tmp_path_factory.mktemp("browser")
     ck = root / "checkpoints"
-    copy_checkpoint(fc_checkpoint, ck)
+    if os.environ.get("UPDATE_SCREENSHOTS"):   # the README shows what the quick demo model gives (~25 s more)
+        from dataclasses import replace
+
+        from covid_cls import TrainConfig, fit, make_demo_dataset
+        from covid_cls.ui.train import QUICK_DEMO
+
+        data = make_demo_dataset(root / "demo", n_per_class=40, size=256)
+        fit(replace(TrainConfig(data_dir=str(data), out_dir=str(ck), weights="none"), **QUICK_DEMO))
+    else:
+        copy_checkpoint(fc_checkpoint, ck)
     settings = Settings(checkpoints=ck, runs=root / "runs", training=True, max_upload=50 * 2**20, roots_env="")
     with launched_app(settings) as app:
         yield app.url, root
@@ -172,4 +182,6 @@ def test_tiny_training_run_updates_the_plot(page, served, tmp_path):
     assert "done" in progress.inner_text(), progress.inner_text()
     assert "epoch 3/3" in page.get_by_label("Log").input_value()
     time.sleep(1)  # let the final plot render
+    page.evaluate("document.querySelector('#cc-train-progress').scrollIntoView()")   # progress, curves, log
+    time.sleep(0.5)
     _shot(page, "train.png", tmp_path)

@@ -20,14 +20,12 @@ Stand-in workers (``_worker_*``) run in a spawned process, so this module stays 
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import shutil
 import threading
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +34,9 @@ import pytest
 from PIL import Image
 
 from helpers import copy_checkpoint, launched_app, small_config
+from helpers import copy_dataset as _copy_dataset
+from helpers import synthetic_png as _png
+from helpers import zip_bytes as _zip
 
 GENERIC_SERVER_ERROR = "upstream Gradio app has raised an exception"
 
@@ -45,31 +46,6 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def _png(seed: int = 0, size: int = 96) -> bytes:
-    from covid_cls.synthetic import synthetic_xray
-
-    buf = io.BytesIO()
-    Image.fromarray(synthetic_xray(size, infected=bool(seed % 2), seed=seed)[0]).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _copy_dataset(src: Path, dst: Path, per_class: int = 3) -> Path:
-    for split in ("train", "validation", "test"):
-        for cls in ("infected", "normal"):
-            (dst / split / cls).mkdir(parents=True)
-            for f in sorted((src / split / cls).iterdir())[:per_class]:
-                shutil.copy(f, dst / split / cls / f.name)
-    return dst
-
-
-def _zip(entries) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries:
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 @pytest.fixture()

@@ -32,7 +32,7 @@ def test_a_checkpoint_loads_the_same_tensors_without_mapping_the_file(fc_checkpo
     assert trains == {n for n, _ in model.named_parameters() if n.startswith("head.")}   # level fc: the head
     plain = build_model(ck.card.arch, ck.card.level, weights="none", num_classes=ck.card.num_classes,
                         hidden=ck.card.hidden)
-    plain.load_state_dict(ref)                                             # the old way: build, then copy
+    plain.load_state_dict(ck.state)                                        # the old way: build, then copy
     x = torch.rand(2, 3, 64, 64)
     assert torch.equal(model.eval()(x), plain.eval()(x))
 

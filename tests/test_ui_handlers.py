@@ -66,9 +66,10 @@ def test_user_errors_turns_library_errors_into_messages_and_lets_bugs_through():
         list(streams(KeyError("oops")))
 
 
-def test_an_upload_over_the_limit_says_how_big_it_is(svc, tmp_path):
+def test_an_upload_over_the_limit_says_how_big_it_is(trained_svc, tmp_path):
     from covid_cls.ui.predict import predict
 
+    svc = trained_svc   # with no model at all, Predict guides to the quick demo model first (issue 12 #4)
     svc.settings.max_upload = 1000
     with pytest.raises(gr.Error, match=r"The file is 0\.\d MB; the limit is 0 MB"):
         predict(svc, _upload(tmp_path), "resnet18", "fc", "", None)
@@ -403,3 +404,25 @@ def test_the_event_pipe_carries_typed_events_and_skips_garbage():
     assert run.log == ["hello", ev.describe(sent[1])] and run.progress == 0.5 and run.history == [sent[1].record()]
     reader.close()
     writer_end.close()
+
+
+def test_scan_reports_near_duplicates_across_splits(svc, tmp_path):
+    """Issue 10: Scan names a test image that is a resized, recompressed copy of a training image."""
+    import io
+
+    from PIL import Image
+
+    from covid_cls import make_demo_dataset
+    from covid_cls.ui.train import scan
+
+    root = make_demo_dataset(tmp_path / "data" / "d", n_per_class=6, size=96, seed=9)
+    svc.settings.roots_env = str(tmp_path / "data")
+    md, _, _ = scan(svc, "server folder", str(root), None)
+    assert "none found" in md
+    src = sorted((root / "train" / "infected").glob("*.png"))[0]
+    buf = io.BytesIO()
+    with Image.open(src) as im:
+        im.convert("L").resize((80, 80)).save(buf, "JPEG", quality=60)
+    (root / "test" / "infected" / "copy.jpg").write_bytes(buf.getvalue())
+    md, _, _ = scan(svc, "server folder", str(root), None)
+    assert "near-duplicate pair" in md and "copy.jpg" in md and src.name in md

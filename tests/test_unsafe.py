@@ -7,7 +7,6 @@ HTTP where the client would refuse to send what a hostile client can).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -20,11 +19,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from covid_cls.safety import UnsafePath, check_allowed, safe_extract_zip
 
 from helpers import SECRET, SECRET_ID, copy_checkpoint, launched_app, make_dicom, ramp
+from helpers import copy_dataset as _copy_dataset
+from helpers import synthetic_png as _png
+from helpers import zip_bytes as _zip
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
@@ -51,23 +52,6 @@ def _evil_checkpoint(folder: Path, name: str, marker: Path, arch="vgg16", level=
             "metrics": {"validation": {"auc": 1.0}}, "classes": ["infected", "normal"]}
     path.with_suffix(".json").write_text(json.dumps(card))
     return path
-
-
-def _png(seed: int = 0, size: int = 96) -> bytes:
-    from covid_cls.synthetic import synthetic_xray
-
-    buf = io.BytesIO()
-    Image.fromarray(synthetic_xray(size, infected=bool(seed % 2), seed=seed)[0]).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _copy_dataset(src: Path, dst: Path, per_class: int = 3) -> Path:
-    for split in ("train", "validation", "test"):
-        for cls in ("infected", "normal"):
-            (dst / split / cls).mkdir(parents=True)
-            for f in sorted((src / split / cls).iterdir())[:per_class]:
-                shutil.copy(f, dst / split / cls / f.name)
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,14 +234,6 @@ def test_scan_endpoint_skips_and_lists_a_symlink_inside_a_root_that_leads_out(en
 # ---------------------------------------------------------------------------------------------
 # 3. zips: refused before anything is written
 # ---------------------------------------------------------------------------------------------
-
-
-def _zip(entries, compression=zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression) as zf:
-        for entry, data in entries:
-            zf.writestr(entry, data)
-    return buf.getvalue()
 
 
 def _info(name: str, mode: int) -> zipfile.ZipInfo:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from ..config import TrainConfig
+from ..report import METRIC_HEADERS, metrics_rows  # noqa: F401 - the tables' wording lives in report
 from .common import (
     TRAINING_OFF,
     config_from,
@@ -100,7 +101,20 @@ def scan(svc: Services, source: str, folder: str, zip_path: str | None):
         f"; skipped {len(info.skipped)} file(s):{skipped}" if info.skipped else "")
     if "demo_data" in str(root):
         md += "  \n_SYNTHETIC images — a model trained on them knows nothing about real X-rays._"
-    return md, rows, str(root)
+    return md + leakage_markdown(svc, root, sum(r[1] + r[2] for r in rows)), rows, str(root)
+
+
+LEAKAGE_SCAN_MAX = 5000   # decoding is the cost (~5-10 ms per image); larger sets are checked when training starts
+
+
+def leakage_markdown(svc: Services, root, n_images: int) -> str:
+    """Near-duplicate images across splits (issue 10): decoded once here, reused by training (DecodedCache)."""
+    from ..leakage import dataset_leakage
+    from ..report import leakage_text
+
+    if n_images > LEAKAGE_SCAN_MAX:
+        return leakage_text(None, n_images, LEAKAGE_SCAN_MAX)
+    return leakage_text(dataset_leakage(root, roots=svc.settings.roots()))
 
 
 @user_errors
@@ -132,22 +146,6 @@ def train_outputs(run: Run):
             cm_fig = plots.confusion(test["confusion"], "test confusion matrix")
         roc_fig = roc_figure(run.metrics)
     return progress_html(run) + operating_point_html(run), fig, log, rows, cm_fig, roc_fig
-
-
-METRIC_HEADERS = ["split", "AUC [95% CI]", "sensitivity [95% CI]", "specificity [95% CI]", "F1 [95% CI]",
-                  "ECE [95% CI]", "accuracy", "n"]
-
-
-def metrics_rows(metrics: dict, splits: tuple[str, ...] = ("validation", "test")) -> list[list]:
-    """One row per split: each metric with its 95 % bootstrap interval ("0.903 [0.851, 0.947]")."""
-    from ..report import num, with_ci
-
-    rows = []
-    for split in splits:
-        m = metrics.get(split) or {}
-        rows.append([split] + [with_ci(m, k) for k in ("auc", "sensitivity", "specificity", "f1", "ece")]
-                    + [num(m.get("accuracy")), m.get("n")])
-    return rows
 
 
 def operating_point_html(run: Run) -> str:
