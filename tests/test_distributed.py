@@ -144,6 +144,7 @@ def test_gpus_without_a_gpu_says_how_to_use_cpu_processes(capsys):
 # real processes
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # ~20 s: real processes; in CI's full run (all tiers), out of the fast tier
 def test_two_ranks_train_the_model_one_process_trains(odd_data, tmp_path):
     """torchrun, 2 gloo ranks: partial (DDP, synchronised BatchNorm, uneven last batch) against one process with
     the same global batch; fc (via ``covid-cls train --gpus 2 --device cpu``) against one process. Rank 0 alone
@@ -213,6 +214,7 @@ def _launch_and_signal(data: Path, out: Path, rank: int, sig: int) -> tuple[int,
     return rc, "".join(lines), ended
 
 
+@pytest.mark.slow   # ~9 s: real processes; in CI's full run
 def test_killing_one_rank_ends_the_other_and_saves_nothing(odd_data, tmp_path):
     rc, out, seconds = _launch_and_signal(odd_data, tmp_path / "out", rank=1, sig=signal.SIGKILL)
     assert rc != 0

@@ -214,6 +214,7 @@ def _prediction(w: int, h: int):
     return SimpleNamespace(image=image, cam=cam)
 
 
+@pytest.mark.slow   # ~3 s: blends a 4000 px overlay twice
 def test_the_slider_state_is_bounded_and_blends_like_the_first_overlay():
     from covid_cls.explain import overlay
     from covid_cls.ui.common import SESSION_MAX_SIDE, reblend_state, session_copy, slider_state

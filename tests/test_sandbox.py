@@ -209,6 +209,7 @@ def test_four_threads_share_two_workers():
         assert peak <= 2 and len(p.worker_pids()) <= 2
 
 
+@pytest.mark.slow   # ~2 s: a deliberately slow decode
 def test_a_slow_request_does_not_block_the_other_worker():
     with DecodePool(2, timeout_s=1.5) as p:
         with ThreadPoolExecutor(2) as ex:
