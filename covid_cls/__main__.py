@@ -318,8 +318,19 @@ def cmd_demo_data(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _dataset_args(p: argparse.ArgumentParser, json_help: str) -> None:
+    """What evaluate and compare share: the images, where results go, the bootstrap size, the device."""
     from .data import SPLITS
+
+    p.add_argument("--data", required=True, help="a split tree, or a flat folder with infected/ normal/ "
+                                                 "(e.g. X-rays from another hospital)")
+    p.add_argument("--split", default="test", choices=list(SPLITS), help="ignored for a flat folder")
+    p.add_argument("--json", help=json_help)
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the CIs (default: %(default)s)")
+    add_option(p, _field("device"), help="where to run (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from .models import ARCHS, LEVELS
 
     ap = argparse.ArgumentParser(prog="python -m covid_cls", description=f"Chest X-ray fine-tuning lab. {DISCLAIMER}")
@@ -333,23 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics with 95 %% CIs of a checkpoint on a split or a flat folder")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="a split tree, or a flat folder with infected/ normal/ "
-                                                 "(e.g. X-rays from another hospital)")
-    p.add_argument("--split", default="test", choices=list(SPLITS), help="ignored for a flat folder")
-    p.add_argument("--json", help="write all results (incl. per-image probabilities, risk-coverage) here")
+    _dataset_args(p, json_help="write all results (incl. per-image probabilities, risk-coverage) here")
     p.add_argument("--plots", help="folder for confusion.png, roc.png and risk_coverage.png")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the CIs (default: %(default)s)")
-    add_option(p, _field("device"), help="where to run (default: %(default)s)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("compare", help="two checkpoints on the same images: paired AUC difference and verdict")
     p.add_argument("a", metavar="A", help="checkpoint A")
     p.add_argument("b", metavar="B", help="checkpoint B")
-    p.add_argument("--data", required=True, help="a split tree or a flat labelled folder")
-    p.add_argument("--split", default="test", choices=list(SPLITS))
-    p.add_argument("--json", help="write the comparison here")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default: %(default)s)")
-    add_option(p, _field("device"), help="where to run (default: %(default)s)")
+    _dataset_args(p, json_help="write the comparison here")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("predict", help="classify images (files, folders or zips) and save Grad-CAM overlays")

@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from .errors import CheckpointError
 
 FORMAT_VERSION = 2          # 1: torch .pt (pickle-free zip); 2: safetensors + JSON card
@@ -162,13 +164,26 @@ class Card:
         auc = self.split_metrics("validation").get("auc")
         return float(auc) if isinstance(auc, (int, float)) and math.isfinite(auc) else -1.0
 
-    def label_for(self, probs: list[float]) -> str:
-        """The class shown for these probabilities: the stored threshold on P(positive) when there is one
-        (binary models), else the most probable class."""
+    def decide(self, probs) -> np.ndarray:
+        """Class index per row of ``probs`` (N, C) at the operating point: the stored threshold on
+        P(positive) when there is one (binary models), else the most probable class."""
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1, self.num_classes)
         if self.threshold is not None and self.num_classes == 2:
             pos = self.positive_index
-            return self.classes[pos] if probs[pos] >= self.threshold else self.classes[1 - pos]
-        return self.classes[max(range(len(probs)), key=probs.__getitem__)]
+            return np.where(probs[:, pos] >= self.threshold, pos, 1 - pos)
+        return probs.argmax(1)
 
+    def label_for(self, probs: list[float]) -> str:
+        """The class shown for one image's probabilities (see ``decide``)."""
+        return self.classes[int(self.decide(probs)[0])]
+
+    def conformal_sets(self, probs) -> np.ndarray | None:
+        """(N, C) bool prediction sets at the stored conformal quantile, or None when the card has none."""
+        from .selective import prediction_sets
+
+        qhat = self.selective.get("conformal_qhat")
+        if not isinstance(qhat, (int, float)):
+            return None
+        return prediction_sets(np.asarray(probs, dtype=np.float64).reshape(-1, self.num_classes), qhat)
 
 __all__ = ["Card", "FORMAT_VERSION", "MAX_CLASSES", "MAX_HIDDEN"]

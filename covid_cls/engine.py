@@ -507,7 +507,7 @@ ABSTAIN_BUDGET = 0.05
 def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Tensor) -> _Calibration:
     """Bounded temperature (no "100 %" from a tiny or perfectly separated validation set), then the decision
     threshold on the calibrated P(positive), then the conformal quantile (selective.py)."""
-    from .selective import conformal_threshold
+    from .selective import conformal_threshold, prediction_sets, set_abstains
 
     temperature, note = fit_temperature_bounded(val_logits, val_labels)
     probs = torch.softmax(val_logits / temperature, 1).numpy()
@@ -517,7 +517,7 @@ def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Ten
         labels == pos, probs[:, pos], method=cfg.threshold_rule, target=cfg.target_sensitivity)
     for alpha in CONFORMAL_ALPHAS:
         qhat = conformal_threshold(probs, labels, alpha)
-        if (((1.0 - probs) <= qhat).sum(1) != 1).mean() <= ABSTAIN_BUDGET:
+        if set_abstains(prediction_sets(probs, qhat)).mean() <= ABSTAIN_BUDGET:
             break
     return _Calibration(temperature, note, threshold, qhat, alpha)
 

@@ -23,6 +23,7 @@ from .data import DecodedCache, DecodedSplit, read_manifest, scan_dataset
 from .metrics import auc_verdict, bootstrap_ci, clean, paired_auc_test, roc_points, split_report
 from .ood import layout_features, score
 from .runtime import Runtime
+from .selective import set_abstains
 
 
 @dataclass
@@ -63,18 +64,10 @@ def _flags(card: Card, stats: dict | None, probs: np.ndarray, pooled: torch.Tens
         st = (stats or {}).get("features" if name.startswith("features") else "layout")
         if st:
             flags[name] = (score(feat, st) > float(st["threshold"])).numpy()
-    qhat = card.selective.get("conformal_qhat")
-    if isinstance(qhat, (int, float)):
-        flags["conformal set holds both classes (or none)"] = ((1.0 - probs) <= qhat).sum(1) != 1
+    sets = card.conformal_sets(probs)
+    if sets is not None:
+        flags["conformal set holds both classes (or none)"] = set_abstains(sets)
     return flags
-
-
-def decisions(card: Card, probs: np.ndarray) -> np.ndarray:
-    """Class index per image at the card's operating point (threshold on P(positive), else argmax)."""
-    if card.threshold is not None and probs.shape[1] == 2:
-        pos = card.positive_index
-        return np.where(probs[:, pos] >= card.threshold, pos, 1 - pos)
-    return probs.argmax(1)
 
 
 def selective_report(card: Card, s: Scored) -> dict[str, Any]:
@@ -83,7 +76,7 @@ def selective_report(card: Card, s: Scored) -> dict[str, Any]:
     from .selective import risk_coverage
 
     labels = s.split.labels.numpy()
-    correct = decisions(card, s.probs) == labels
+    correct = card.decide(s.probs) == labels
     flagged = np.zeros(len(labels), bool)
     for f in s.flags.values():
         flagged |= f
@@ -173,4 +166,4 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
 
 
 __all__ = ["Scored", "score_checkpoint", "evaluate_checkpoint", "compare_checkpoints", "selective_report",
-           "duplicates_of_training", "decisions"]
+           "duplicates_of_training"]

@@ -34,10 +34,8 @@ from .explain import CamExplainer, overlay, resize_cam
 from .imaging import load_image_bounded
 from .models import check_level, get_spec
 from .ood import assess, layout_features
+from .report import DISCLAIMER, UNCERTAIN  # noqa: F401 - re-exported (covid_cls.DISCLAIMER)
 from .runtime import Runtime
-
-DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
-UNCERTAIN = "uncertain — outside what this model was trained on"
 
 
 @dataclass
@@ -305,12 +303,10 @@ def _set_reasons(card: Card, probs: list[float]) -> list[str]:
     """Split-conformal prediction set (Angelopoulos & Bates 2021): every class whose probability is high
     enough for the validation-calibrated quantile. One class: an answer; two (or none): the model cannot
     tell at the stated coverage, so it abstains."""
-    qhat = card.selective.get("conformal_qhat")
-    if not isinstance(qhat, (int, float)):
+    sets = card.conformal_sets(probs)
+    if sets is None or sets.sum() == 1:
         return []
-    kept = [c for c, pr in zip(card.classes, probs) if 1.0 - pr <= qhat]
-    if len(kept) == 1:
-        return []
+    kept = [c for c, inside in zip(card.classes, sets[0]) if inside]
     alpha = card.selective.get("conformal_alpha", 0.1)
     what = "both classes remain plausible" if kept else "no class is plausible enough"
     return [f"{what} at {100 * (1 - alpha):.0f} % coverage (conformal set: {', '.join(kept) or 'empty'})"]

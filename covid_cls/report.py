@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
+UNCERTAIN = "uncertain — outside what this model was trained on"   # the headline of an abstention
+
 # the metrics shown with their intervals, in display order: (key, short name)
 CI_METRICS = (("auc", "AUC"), ("sensitivity", "sens"), ("specificity", "spec"), ("f1", "F1"), ("ece", "ECE"))
 

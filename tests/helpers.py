@@ -352,3 +352,23 @@ def zip_bytes(entries, compression: int | None = None) -> bytes:
         for name, data in entries:
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def call_raw(api_base: str, api: str, data: list) -> tuple[str, object]:
+    """Gradio's REST protocol by hand, as a browser or curl does it (a fresh session per call):
+    ``api_base`` is ``http://host:port/gradio_api``; returns ("complete" | "error", payload)."""
+    import json
+
+    import httpx
+
+    r = httpx.post(f"{api_base}/call/{api}", json={"data": data}, timeout=30)
+    r.raise_for_status()
+    kind, payload = None, None
+    with httpx.stream("GET", f"{api_base}/call/{api}/{r.json()['event_id']}", timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                payload = json.loads(line.split(":", 1)[1].strip() or "null")
+                break
+    return kind, payload

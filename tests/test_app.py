@@ -22,8 +22,7 @@ def app(tmp_path_factory):
     from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("app")
-    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True,
-                        max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True)
     with launched_app(settings) as served:
         print(f"\nlaunch to listening: {served.launch_seconds:.2f}s")
         yield served.demo, served.client(), settings, served.port

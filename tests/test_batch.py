@@ -52,8 +52,7 @@ def _check_csv(text: str, n: int) -> list[dict]:
 def svc(tmp_path, fc_checkpoint):
     from covid_cls.ui import Services, Settings
 
-    s = Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True,
-                          max_upload=50 * 2**20, roots_env=""))
+    s = Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True))
     copy_checkpoint(fc_checkpoint, s.settings.checkpoints)
     return s
 
@@ -201,8 +200,7 @@ def test_predict_batch_endpoint_on_real_xrays_and_a_zip_with_corrupt_files(fc_ch
     from covid_cls.ui import Settings
 
     real = sorted((CXR_REAL / "test").rglob("*.jpg"))[:50] if (CXR_REAL / "test").is_dir() else []
-    settings = Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True,
-                        max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True)
     copy_checkpoint(fc_checkpoint, settings.checkpoints)
     with launched_app(settings) as app:
         client = app.client()

@@ -43,7 +43,7 @@ def served(tmp_path_factory, fc_checkpoint):
         fit(replace(TrainConfig(data_dir=str(data), out_dir=str(ck), weights="none"), **QUICK_DEMO))
     else:
         copy_checkpoint(fc_checkpoint, ck)
-    settings = Settings(checkpoints=ck, runs=root / "runs", training=True, max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=ck, runs=root / "runs", training=True)
     with launched_app(settings) as app:
         yield app.url, root
 
@@ -117,8 +117,7 @@ def fresh(tmp_path_factory):
     from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("fresh")
-    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True,
-                        max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=True)
     with launched_app(settings) as app:
         yield app.url
 

@@ -156,7 +156,7 @@ def app(ckpt_dir, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("concurrency_app")
     runs = root / "runs"
     shutil.copytree(demo_data, runs / "demo_data")   # the app's synthetic set, small: training starts fast
-    settings = Settings(checkpoints=ckpt_dir, runs=runs, training=True, max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=ckpt_dir, runs=runs, training=True)
     with launched_app(settings) as served:
         yield served.url, settings
 

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import copy_checkpoint, launched_app, small_config
+from helpers import call_raw, copy_checkpoint, launched_app, small_config
 from helpers import copy_dataset as _copy_dataset
 from helpers import synthetic_png as _png
 from helpers import zip_bytes as _zip
@@ -65,8 +65,8 @@ def tree(demo_data, tmp_path):
 def svc(tmp_path):
     from covid_cls.ui import Services, Settings
 
-    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True,
-                             max_upload=50 * 2**20, roots_env=str(tmp_path / "allowed")))
+    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs",
+                             roots_env=str(tmp_path / "allowed")))
 
 
 # =============================================================================================
@@ -693,7 +693,7 @@ def app(fc_checkpoint, demo_data, tmp_path_factory):
     copy_checkpoint(fc_checkpoint, ckpts)
     allowed = root / "allowed"
     _copy_dataset(demo_data, allowed / "data")
-    settings = Settings(checkpoints=ckpts, runs=root / "runs", training=True, max_upload=50 * 2**20,
+    settings = Settings(checkpoints=ckpts, runs=root / "runs", training=True,
                         roots_env=str(allowed))
     with launched_app(settings, max_file_size=settings.max_upload) as served:
         yield SimpleNamespace(root=root, settings=settings, gtmp=gtmp, demo=served.demo, url=served.url,
@@ -713,20 +713,7 @@ def _app_error(call) -> str:
 
 
 def _call_raw(url: str, api: str, data: list) -> tuple[str, object]:
-    """Gradio's REST protocol by hand, as curl would (a fresh session per call)."""
-    import httpx
-
-    r = httpx.post(f"{url}/gradio_api/call/{api}", json={"data": data}, timeout=30)
-    r.raise_for_status()
-    kind, payload = None, None
-    with httpx.stream("GET", f"{url}/gradio_api/call/{api}/{r.json()['event_id']}", timeout=120) as s:
-        for line in s.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1].strip() or "null")
-                break
-    return kind, payload
+    return call_raw(f"{url}/gradio_api", api, data)
 
 
 def _upload(url: str, path: Path) -> dict:

@@ -246,7 +246,7 @@ def test_pull_offline_uses_the_local_hub_cache_or_says_why(pushed, tmp_path, mon
 def settings_for(root: Path, hub_models: str):
     from covid_cls.ui import Settings
 
-    return Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False, max_upload=50 * 2**20,
+    return Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False,
                     roots_env="", hub_models=hub_models)
 
 

@@ -19,7 +19,7 @@ HAS_MCP = importlib.util.find_spec("mcp") is not None
 def settings_for(root):
     from covid_cls.ui import Settings
 
-    return Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False, max_upload=50 * 2**20,
+    return Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False,
                     roots_env="", mcp=True)
 
 

@@ -167,8 +167,7 @@ def test_prediction_crosses_a_pickling_process_boundary(fc_checkpoint, tmp_path,
         return pickle.loads(pickle.dumps(services._predict_call(*args, **kwargs)))
 
     monkeypatch.setattr(services, "_predict_on_device", like_zerogpu)
-    svc = Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=False,
-                            max_upload=50 * 2**20, roots_env=""))
+    svc = Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=False))
     img = Image.fromarray(synthetic_xray(128, infected=True, seed=1)[0])
     p = svc.predict(img, "resnet18", "fc")
     assert set(p.probs) == {"infected", "normal"} and p.overlay.size == img.size

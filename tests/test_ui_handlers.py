@@ -18,8 +18,7 @@ gr = pytest.importorskip("gradio")
 def svc(tmp_path):
     from covid_cls.ui import Services, Settings
 
-    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True,
-                             max_upload=50 * 2**20, roots_env=""))
+    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import torch
 
 from covid_cls.safety import UnsafePath, check_allowed, safe_extract_zip
 
-from helpers import SECRET, SECRET_ID, copy_checkpoint, launched_app, make_dicom, ramp
+from helpers import SECRET, SECRET_ID, call_raw, copy_checkpoint, launched_app, make_dicom, ramp
 from helpers import copy_dataset as _copy_dataset
 from helpers import synthetic_png as _png
 from helpers import zip_bytes as _zip
@@ -82,7 +82,7 @@ def env(fc_checkpoint, demo_data, roots):
     mp.setenv("GRADIO_TEMP_DIR", str(gtmp))   # read by Gradio when the Blocks and the server are created
     ckpts = root / "checkpoints"
     copy_checkpoint(fc_checkpoint, ckpts)
-    settings = Settings(checkpoints=ckpts, runs=root / "runs", training=True, max_upload=50 * 2**20,
+    settings = Settings(checkpoints=ckpts, runs=root / "runs", training=True,
                         roots_env=str(allowed))
     with launched_app(settings, max_file_size=settings.max_upload) as app:
         yield SimpleNamespace(root=root, client=app.client(), settings=settings, gtmp=gtmp, allowed=allowed,
@@ -95,8 +95,7 @@ def off(tmp_path_factory):
     from covid_cls.ui import Settings
 
     root = tmp_path_factory.mktemp("training_off")
-    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False,
-                        max_upload=50 * 2**20, roots_env="")
+    settings = Settings(checkpoints=root / "checkpoints", runs=root / "runs", training=False)
     with launched_app(settings, max_file_size=settings.max_upload) as app:
         yield SimpleNamespace(root=root, client=app.client(), settings=settings, demo=app.demo)
 
@@ -376,21 +375,7 @@ def _raw_upload(env, path: Path) -> str:
 
 def _call_raw(env, api: str, data: list) -> tuple[str, object]:
     """Gradio's REST protocol by hand (what a browser or curl does): returns ("complete"|"error", payload)."""
-    import httpx
-
-    base = env.client.upload_url.rsplit("/upload", 1)[0]
-    r = httpx.post(f"{base}/call/{api}", json={"data": data}, timeout=30)
-    r.raise_for_status()
-    event_id = r.json()["event_id"]
-    kind, payload = None, None
-    with httpx.stream("GET", f"{base}/call/{api}/{event_id}", timeout=120) as s:
-        for line in s.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1].strip() or "null")
-                break
-    return kind, payload
+    return call_raw(env.client.upload_url.rsplit("/upload", 1)[0], api, data)
 
 
 @pytest.mark.http

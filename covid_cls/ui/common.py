@@ -18,12 +18,12 @@ import gradio as gr
 
 from ..config import TrainConfig, choices_of
 from ..errors import ConfigError, CovidClsError, ImageError, UploadTooLarge
+from ..report import DISCLAIMER  # noqa: F401 - the tabs import it from here
 
 if TYPE_CHECKING:
     from ..card import Card
     from ..jobs import Run
 
-DISCLAIMER = "Research demo — not a diagnosis. Do not use for clinical decisions."
 TRAINING_OFF = "Training is switched off on this server (COVID_CLS_TRAINING=0)."
 BEST = "best for this pair"
 CSS = """

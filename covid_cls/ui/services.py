@@ -81,9 +81,9 @@ _predict_batch_on_device = gpu(duration=PREDICT_GPU_SECONDS)(_predict_batch_call
 class Settings:
     checkpoints: Path
     runs: Path
-    training: bool
-    max_upload: int
-    roots_env: str
+    training: bool = True
+    max_upload: int = MAX_BYTES   # COVID_CLS_MAX_UPLOAD_MB
+    roots_env: str = ""           # COVID_CLS_DATA_ROOTS
     hub_models: str = ""     # COVID_CLS_HUB_MODELS: Hub repos / snapshot folders pulled at start-up (issue 12)
     mcp: bool = False        # COVID_CLS_MCP=1: launch with Gradio's MCP server (issue 12)
     # COVID_CLS_MAX_SESSIONS: sessions whose state Gradio keeps (~0.15 MB of component config each, plus their
