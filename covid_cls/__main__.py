@@ -151,11 +151,14 @@ def cmd_train(a) -> int:
     card = read_card(path)
     weights = card.weights_note or card.weights_origin
     print(f"checkpoint {path}  (temperature {card.temperature:.3f}, weights: {weights})")
-    print(f"  threshold  {rp.threshold_text(card.threshold, card.positive)}")
+    print(f"  classes    {', '.join(card.classes)}")
+    print(f"  threshold  {rp.threshold_text(card.threshold, card.positive, card.num_classes)}")
     if card.calibration_note:
         print(f"  calibration: {card.calibration_note}")
     for split in ("validation", "test"):
         print(f"  {split:<10} {rp.metrics_line(card.split_metrics(split))}")
+        for line in rp.per_class_lines(card.split_metrics(split)):   # more than two classes: one per class
+            print(f"             {line}")
     print(DISCLAIMER)
     return 0
 
@@ -166,8 +169,11 @@ def cmd_evaluate(a) -> int:
 
     r = evaluate_checkpoint(a.checkpoint, a.data, split=a.split, device=a.device, n_boot=a.boot)
     print(f"{Path(a.checkpoint).name} on {a.data} [{_where(a.data, a.split)}]  weights: {r['weights_origin']}")
-    print(f"  threshold  {rp.threshold_text(r['threshold'])}; 95 % CIs: stratified bootstrap, {a.boot} resamples")
+    print(f"  threshold  {rp.threshold_text(r['threshold'], r['positive'], len(r['classes']))}; 95 % CIs: "
+          f"stratified bootstrap, {a.boot} resamples")
     print(f"  all        {rp.metrics_line(r)}")
+    for line in rp.per_class_lines(r):
+        print(f"             {line}")
     for name, m in r["subsets"].items():
         print(f"  source: {name}\n             {rp.metrics_line(m)}")
     sel = r["selective"]
@@ -199,8 +205,12 @@ def _evaluation_plots(r: dict, split: str, out: Path) -> None:
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    plots.save(plots.confusion(r["confusion"], f"confusion ({split})"), out / "confusion.png")
-    plots.save(plots.roc({split: (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])}), out / "roc.png")
+    plots.save(plots.confusion(r["confusion"], f"confusion ({split})", classes=r["classes"]), out / "confusion.png")
+    if r.get("roc_per_class"):   # more than two classes: one-vs-rest curve per class
+        plots.save(plots.roc_one_vs_rest(r["roc_per_class"], r["per_class"], f"ROC, each class vs the rest ({split})"),
+                   out / "roc.png")
+    else:
+        plots.save(plots.roc({split: (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])}), out / "roc.png")
     sel = r["selective"]
     acc = sel.get("answered_accuracy")
     rule = (1.0 - sel["flagged"], 1.0 - acc) if acc is not None else None
@@ -218,8 +228,8 @@ def cmd_compare(a) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name_a, name_b = r["names"]
-    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} infected, {r['n_neg']} normal), "
-          "the same images for both")
+    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} {r['about']}, {r['n_neg']} other), "
+          f"the same images for both; AUC of {r['about']} against the rest")
     for tag, name, key in (("A", name_a, "a"), ("B", name_b, "b")):
         auc = {"auc": r[f"auc_{key}"], "ci": {"auc": r.get(f"auc_{key}_ci")}}
         print(f"  {tag} {name}: AUC {rp.with_ci(auc, 'auc')}")
@@ -313,8 +323,13 @@ def cmd_migrate(a) -> int:
 def cmd_demo_data(a) -> int:
     from .synthetic import make_demo_dataset
 
-    root = make_demo_dataset(a.dir, n_per_class=a.n, size=a.size, seed=a.seed)
-    print(f"wrote SYNTHETIC demo data to {root} (not medical images)")
+    classes = tuple(c.strip() for c in a.classes.split(",") if c.strip())
+    try:
+        root = make_demo_dataset(a.dir, n_per_class=a.n, size=a.size, seed=a.seed, classes=classes)
+    except ValueError as exc:   # a class name without a synthetic pattern
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote SYNTHETIC demo data to {root} (classes: {', '.join(classes)}; not medical images)")
     return 0
 
 
@@ -390,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=40, help="train images per class (val/test get half)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", default="infected,normal",
+                   help="comma-separated classes, from: covid, infected, normal, pneumonia "
+                        "(e.g. covid,normal,pneumonia for the 3-class demo)")
     p.set_defaults(fn=cmd_demo_data)
 
     # push | pull: the Hugging Face Hub (issue 12)

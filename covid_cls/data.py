@@ -18,8 +18,8 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,8 +32,21 @@ from PIL import Image
 from .errors import DatasetError, UnsafePath
 from .imaging import MAX_BYTES, ImageError, load_image
 
-CLASSES: tuple[str, ...] = ("infected", "normal")   # ImageFolder order (alphabetical)
+# The 2020 task's classes (ImageFolder order: alphabetical). A dataset may bring its own: 2 to MAX_CLASSES
+# folders, the same in every split (``scan_dataset``); the card stores them and everything downstream reads them
+# from there.
+CLASSES: tuple[str, ...] = ("infected", "normal")
 POSITIVE = "infected"
+MAX_CLASSES = 20
+
+
+def positive_class(classes: Sequence[str]) -> str:
+    """The class whose probability the binary operating point (threshold, ROC, sensitivity) is about:
+    ``infected`` when present, else the one that is not ``normal`` of two, else the first."""
+    if POSITIVE in classes:
+        return POSITIVE
+    others = [c for c in classes if c.lower() != "normal"]
+    return others[0] if len(classes) == 2 and len(others) == 1 else classes[0]
 SPLITS: dict[str, tuple[str, ...]] = {              # canonical name -> accepted folder names
     "train": ("train",),
     "validation": ("validation", "val", "valid"),
@@ -54,9 +67,10 @@ class Split:
     folder: Path
     files: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    classes: tuple[str, ...] = CLASSES   # label i is classes[i]
 
     def counts(self) -> dict[str, int]:
-        return {c: self.labels.count(i) for i, c in enumerate(CLASSES)}
+        return {c: self.labels.count(i) for i, c in enumerate(self.classes)}
 
 
 @dataclass
@@ -64,6 +78,11 @@ class DatasetInfo:
     root: Path
     splits: dict[str, Split]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    classes: tuple[str, ...] = CLASSES
+
+    @property
+    def positive(self) -> str:
+        return positive_class(self.classes)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {name: s.counts() for name, s in self.splits.items()}
@@ -82,18 +101,36 @@ def _find_split(root: Path, name: str, flat_ok: bool = False) -> Path | None:
     for candidate in SPLITS[name]:
         if (root / candidate).is_dir():
             return root / candidate
-    if flat_ok and any((root / c).is_dir() for c in CLASSES):
-        return root
+    if flat_ok and not any((root / c).is_dir() for names in SPLITS.values() for c in names):
+        return root   # no split folder at all: the class folders sit directly in root
     return None
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def check_classes(classes: Sequence[str], where: str) -> tuple[str, ...]:
+    """Class names found in ``where`` (folder names): 2 to MAX_CLASSES, each a usable label."""
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise DatasetError(f"{where} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a "
+                           f"dataset needs 2 to {MAX_CLASSES}, one folder per class, the same in every split")
+    bad = [c for c in classes if len(c) > 64 or not c.isprintable()]
+    if bad:
+        raise DatasetError(f"{where}: class folder name(s) {', '.join(map(repr, bad))} cannot be used as labels "
+                           "(at most 64 printable characters)")
+    return tuple(classes)
 
 
 def scan_dataset(root: str | os.PathLike, *,
                  splits: Iterable[str] = ("train", "validation", "test"),
-                 roots: Sequence[Path] | None = None) -> DatasetInfo:
+                 roots: Sequence[Path] | None = None, classes: Sequence[str] | None = None) -> DatasetInfo:
     """Check the ImageFolder layout before any work and list the files.
 
-    Raises DatasetError naming every problem at once (missing split, missing/extra class folders,
-    empty classes). Files with non-image extensions are skipped and counted; decoding errors surface when
+    The classes are the folders of the first split (alphabetical, as torchvision's ImageFolder orders them),
+    unless ``classes`` (a model's, when evaluating it) says which must be there; every split must have
+    exactly those. Raises DatasetError naming every problem at once (missing split, missing/extra class
+    folders, empty classes). Files with non-image extensions are skipped and counted; decoding errors surface when
     the cache is built, where they are also skipped and counted (never a crash mid-epoch).
 
     ``roots``: the folders that may be read (the app passes ``COVID_CLS_DATA_ROOTS``; None = no restriction,
@@ -116,21 +153,32 @@ def scan_dataset(root: str | os.PathLike, *,
     result: dict[str, Split] = {}
     skipped: list[tuple[str, str]] = []
     splits = tuple(splits)
-    for name in splits:
-        folder = _find_split(root, name, flat_ok=len(splits) == 1)
+    found = {name: _find_split(root, name, flat_ok=len(splits) == 1) for name in splits}
+    for name, folder in found.items():
         if folder is None:
             problems.append(f"missing split folder '{name}/' (accepted names: {', '.join(SPLITS[name])})")
+    if classes is None:   # the union over splits, so that a class missing from one split is named there
+        present = [f for f in found.values() if f is not None]
+        if not present:
+            raise DatasetError(f"dataset {root} cannot be used:\n  - " + "\n  - ".join(problems))
+        try:
+            classes = check_classes(sorted({c for f in present for c in _class_folders(f)}), f"{root.name}/")
+        except DatasetError as exc:   # named together with the missing splits
+            raise DatasetError(f"dataset {root} cannot be used:\n  - " + "\n  - ".join([*problems, str(exc)])) from None
+    classes = tuple(classes)
+    for name, folder in found.items():
+        if folder is None:
             continue
-        subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        missing = [c for c in CLASSES if c not in subdirs]
-        extra = [d for d in subdirs if d not in CLASSES]
+        subdirs = _class_folders(folder)
+        missing = [c for c in classes if c not in subdirs]
+        extra = [d for d in subdirs if d not in classes]
         if missing:
             problems.append(f"{folder.name}/ lacks class folder(s) {', '.join(missing)}")
         if extra:
             problems.append(f"{folder.name}/ has unexpected folder(s) {', '.join(extra)} "
-                            f"(expected exactly {', '.join(CLASSES)})")
-        split = Split(name, folder)
-        for label, cls in enumerate(CLASSES):
+                            f"(expected exactly {', '.join(classes)}, as in the other splits)")
+        split = Split(name, folder, classes=classes)
+        for label, cls in enumerate(classes):
             cdir = folder / cls
             if not cdir.is_dir():
                 continue
@@ -158,7 +206,7 @@ def scan_dataset(root: str | os.PathLike, *,
         result[name] = split
     if problems:
         raise DatasetError(f"dataset {root} cannot be used:\n  - " + "\n  - ".join(problems))
-    return DatasetInfo(root, result, skipped)
+    return DatasetInfo(root, result, skipped, classes)
 
 
 def check_layout_names(names: Iterable[str]) -> None:
@@ -179,12 +227,19 @@ def check_layout_names(names: Iterable[str]) -> None:
         if len(p) >= 3 and PurePosixPath(p[-1]).suffix.lower() in IMAGE_EXTS and not p[-1].startswith("."):
             images[p[0], p[1]] = images.get((p[0], p[1]), 0) + 1
     problems = []
-    for name, accepted in SPLITS.items():
-        folder = next((c for c in accepted if (c,) in folders), None)
+    split_folders = {name: next((c for c in accepted if (c,) in folders), None) for name, accepted in SPLITS.items()}
+    present = {f for f in split_folders.values() if f is not None}
+    classes = sorted({f[1] for f in folders if len(f) == 2 and f[0] in present and not f[1].startswith((".", "__"))})
+    if present:
+        try:
+            check_classes(classes, "the zip")
+        except DatasetError as exc:
+            problems.append(str(exc))
+    for name, folder in split_folders.items():
         if folder is None:
-            problems.append(f"missing split folder '{name}/' (accepted names: {', '.join(accepted)})")
+            problems.append(f"missing split folder '{name}/' (accepted names: {', '.join(SPLITS[name])})")
             continue
-        for cls in CLASSES:
+        for cls in classes:
             if (folder, cls) not in folders:
                 problems.append(f"{folder}/ lacks class folder {cls}")
             elif not images.get((folder, cls)):
@@ -349,12 +404,17 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class DecodedSplit:
-    """A split decoded once: images (N,1,S,S) uint8, labels (N,), and the files they came from."""
+    """A split decoded once: images (N,1,S,S) uint8, labels (N,), and the files they came from.
+
+    ``mapped``: the images are a view of the cache file on disk (a memory map), not a copy in RAM. Reading them
+    goes through the page cache, which the kernel fills on demand and can drop again (see ``DecodedCache``).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     files: list[str]
     skipped: list[tuple[str, str]]
+    mapped: bool = False
 
     def __len__(self) -> int:
         return len(self.files)
@@ -397,10 +457,73 @@ def identical_images(images: torch.Tensor, chunk: int = 256) -> bool:
     return all(bool((images[i:i + chunk].reshape(-1, first.shape[1]) == first).all()) for i in range(0, n, chunk))
 
 
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``pool.map(fn, items)``, in order, with at most ``window`` items submitted and not yet consumed.
+
+    ``Executor.map`` submits every item at once and keeps each result until it is consumed: with 200,000 images
+    and a consumer slower than the decoders (a disk), that is every decoded image in memory at once.
+    """
+    pending: deque = deque()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:   # the consumer stopped early (an error): what has not started never will
+            f.cancel()
+
+
 # The decoded caches' policy (issue 11 #2): on disk, entries not used for COVID_CLS_CACHE_MAX_AGE_DAYS are
 # deleted, then the least recently used until the rest fits in COVID_CLS_CACHE_MAX_MB; in a process's memory,
-# the least recently used splits go beyond COVID_CLS_CACHE_MEMORY_MB. 0 = no limit.
+# the least recently used splits go beyond COVID_CLS_CACHE_MEMORY_MB. 0 = no limit. A split that is larger than
+# COVID_CLS_CACHE_MEMORY_MB by itself is not read into memory: it is memory-mapped (issue 13 #3).
 CACHE_MAX_MB, CACHE_MAX_AGE_DAYS, CACHE_MEMORY_MB = 4096, 14, 2048
+DECODE_WINDOW = 4   # decoded images in flight per worker: enough to keep every core busy, bounded memory
+MAPPED_KEPT = 6     # memory-mapped splits kept open per process (their pages are page cache, not counted)
+STALE_TMP_S = 300   # a dead writer's temporary file untouched this long is removed by ``prune``
+
+
+def _memory_cap() -> float:
+    from .safety import env_limit
+
+    return env_limit("COVID_CLS_CACHE_MEMORY_MB", CACHE_MEMORY_MB, 2**20)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        pass
+    return True
+
+
+def _unlink_quietly(*paths: Path | None) -> None:
+    for p in paths:
+        try:
+            if p is not None:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _index(split: Split, root: Path, kept: list[int], skipped: list[tuple[str, str]]) -> dict:
+    """What the cache records beside the images: the files kept (in row order), their labels, the skipped."""
+    return {"files": [str(split.files[i].relative_to(root)) for i in kept],
+            "labels": [split.labels[i] for i in kept], "skipped": skipped}
+
+
+def _split(images: torch.Tensor, index: dict, mapped: bool = False) -> DecodedSplit:
+    return DecodedSplit(images, torch.tensor(index["labels"], dtype=torch.long), index["files"],
+                        [tuple(s) for s in index["skipped"]], mapped)
 
 
 class DecodedCache:
@@ -409,6 +532,13 @@ class DecodedCache:
     Kept in memory (per process) and on disk under ``cache_dir`` keyed by the file list fingerprint and
     the square size, so a second run over the same data (another level, another arch, the study) costs
     a memory lookup, and a new process a single .npy read.
+
+    On disk an entry is ``decoded-<key>.npy`` (N x 1 x S x S uint8, written row by row as the images decode, so
+    building it takes memory for a few images, not N) and ``decoded-<key>.json``, its index (files, labels, rows
+    used, key and shape), written last. A split up to COVID_CLS_CACHE_MEMORY_MB is read into RAM; a larger one
+    is memory-mapped: training copies only each batch out of it, and its pages are page cache that the kernel
+    drops under memory pressure, so a dataset larger than RAM trains (bench/disk_cache.py). Without the disk
+    (``use_disk=False``, or a read-only or full one) splits are decoded into RAM.
     """
 
     _memory: OrderedDict[str, DecodedSplit] = OrderedDict()
@@ -422,85 +552,131 @@ class DecodedCache:
         self.use_disk = use_disk
         # ``roots``: every file is checked against them when opened (None: no restriction, the CLI).
         self.roots = None if roots is None else [Path(r).resolve() for r in roots]
-        self.notes: list[str] = []   # what the caller should tell the user (a full disk, ...)
+        self.notes: list[str] = []   # what the caller should warn the user about (a full disk, ...)
+        self.info: list[str] = []    # what the caller should tell the user (a split read through a memory map)
 
     def get(self, split: Split, root: Path,
             progress: Callable[[int, int], None] | None = None) -> DecodedSplit:
         # Entries made under a roots check are kept apart from unchecked ones (the CLI's): what the app
         # trains on was read through the check.
-        key = fingerprint(split.files, extra=f"{self.size}" + ("|roots-checked" if self.roots is not None else ""))
+        # The classes too: the index stores labels, which are positions in them.
+        key = fingerprint(split.files, extra=f"{self.size}|{','.join(split.classes)}"
+                          + ("|roots-checked" if self.roots is not None else ""))
         with self._lock:
-            if key in self._memory:
+            decoded = self._memory.get(key)
+            if decoded is not None:
                 self._memory.move_to_end(key)
-                return self._memory[key]
-        decoded = self._load_disk(key) if self.use_disk else None
         if decoded is None:
-            decoded = self._decode(split, root, progress)
-            if self.use_disk:
-                self._save_disk(key, decoded)
-        with self._lock:
-            self._memory[key] = decoded
-            self._trim_memory()
+            decoded = self._load_disk(key) if self.use_disk else None
+            if decoded is None and self.use_disk:   # decoded straight into the cache file, then opened as a hit
+                decoded = self._build_disk(key, split, root, progress)
+            if decoded is None:   # no disk cache (not wanted, or the disk refused): decoded into RAM
+                decoded = self._decode(split, root, progress)
+            with self._lock:
+                self._memory[key] = decoded
+                self._trim_memory()
+        if decoded.mapped:
+            self.info.append(self._mapped_note(key, decoded))
         return decoded
+
+    def _mapped_note(self, key: str, d: DecodedSplit) -> str:
+        from .safety import env_limit
+
+        nbytes = d.images.numel()
+        note = (f"decoded cache: {len(d):,} images, {_size(nbytes)} on disk at {self._paths(key)[0]}, read through "
+                f"a memory map (larger than COVID_CLS_CACHE_MEMORY_MB = {_memory_cap() / 2**20:g}); each batch is "
+                "copied from it")
+        if nbytes > env_limit("COVID_CLS_CACHE_MAX_MB", CACHE_MAX_MB, 2**20):
+            note += ("; it is larger than COVID_CLS_CACHE_MAX_MB, so the next other entry written will delete it "
+                     "(raise that limit to keep it)")
+        return note
 
     @classmethod
     def _trim_memory(cls) -> None:
-        from .safety import env_limit
-
-        cap = env_limit("COVID_CLS_CACHE_MEMORY_MB", CACHE_MEMORY_MB, 2**20)
-        total = sum(d.images.numel() for d in cls._memory.values())
-        while len(cls._memory) > 1 and total > cap:
-            _, dropped = cls._memory.popitem(last=False)
-            total -= dropped.images.numel()
+        # Memory-mapped splits are not counted: their pages are page cache, not this process's memory.
+        cap, entries = _memory_cap(), list(cls._memory.items())
+        total = sum(d.images.numel() for _, d in entries if not d.mapped)
+        mapped = sum(d.mapped for _, d in entries)
+        for key, d in entries[:-1]:   # least recently used first; the newest always stays
+            if not d.mapped and total > cap:
+                total -= d.images.numel()
+                del cls._memory[key]
+            elif d.mapped and mapped > MAPPED_KEPT:   # an open map keeps its file (see prune): not too many
+                mapped -= 1
+                del cls._memory[key]
 
     @classmethod
     def clear_memory(cls) -> None:
         with cls._lock:
             cls._memory.clear()
 
-    def _decode(self, split: Split, root: Path, progress) -> DecodedSplit:
-        n = len(split.files)
-        out = np.zeros((n, 1, self.size, self.size), dtype=np.uint8)
-        keep = np.zeros(n, dtype=bool)
-        skipped: list[tuple[str, str]] = []
-        done = 0
-        # Files are decoded in worker processes under the same memory/CPU/time limits as uploads
-        # (a hostile file in a training zip cannot take the trainer down); the threads feed them and
-        # resize, which PIL does without the GIL.
+    def _squares(self, split: Split, root: Path, progress,
+                 skipped: list[tuple[str, str]]) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, S x S uint8) of each file that decodes, in file order; the others are added to ``skipped``.
+
+        Files are decoded in worker processes under the same memory/CPU/time limits as uploads (a hostile
+        file in a training zip cannot take the trainer down), on every core by default; the threads feed them
+        and resize, which PIL does without the GIL. At most DECODE_WINDOW x workers images are in flight.
+        """
         from .sandbox import shared_pool
 
         decoder = shared_pool("dataset", self.workers, idle_ttl_s=30.0)
+        n = len(split.files)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for i, res in enumerate(pool.map(lambda p: _decode_one(p, self.size, decoder, self.roots),
-                                             split.files)):
+            results = _bounded_map(pool, lambda p: _decode_one(p, self.size, decoder, self.roots), split.files,
+                                   DECODE_WINDOW * self.workers)
+            for i, res in enumerate(results):
                 if isinstance(res, str):
                     skipped.append((str(split.files[i].relative_to(root)), res))
                 else:
-                    out[i, 0] = res
-                    keep[i] = True
-                done += 1
-                if progress and (done % 32 == 0 or done == n):
-                    progress(done, n)
-        idx = np.flatnonzero(keep)
-        return DecodedSplit(
-            images=torch.from_numpy(out[idx]),
-            labels=torch.tensor([split.labels[i] for i in idx], dtype=torch.long),
-            files=[str(split.files[i].relative_to(root)) for i in idx],
-            skipped=skipped,
-        )
+                    yield i, res
+                if progress and ((i + 1) % 32 == 0 or i + 1 == n):
+                    progress(i + 1, n)
+
+    def _decode(self, split: Split, root: Path, progress) -> DecodedSplit:
+        """Decode into RAM (no disk cache). Rows are filled in order: an unreadable file costs no copy."""
+        out = np.empty((len(split.files), 1, self.size, self.size), dtype=np.uint8)
+        kept: list[int] = []
+        skipped: list[tuple[str, str]] = []
+        for i, square in self._squares(split, root, progress, skipped):
+            out[len(kept), 0] = square
+            kept.append(i)
+        return _split(torch.from_numpy(out[:len(kept)]), _index(split, root, kept, skipped))
+
+    def _build_disk(self, key: str, split: Split, root: Path, progress) -> DecodedSplit | None:
+        """Decode straight into entry ``key`` on disk, then open it as a hit would; None if the disk refused."""
+        kept: list[int] = []
+        skipped: list[tuple[str, str]] = []
+
+        def fill(write) -> dict:
+            for i, square in self._squares(split, root, progress, skipped):
+                write(square)
+                kept.append(i)
+            return _index(split, root, kept, skipped)
+
+        # A disk that fills up half-way costs a second decode, into RAM (get); a disk too small from the start
+        # is seen before anything is decoded (_write_entry).
+        return self._load_disk(key) if self._write_entry(key, len(split.files), fill) else None
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.cache_dir / f"decoded-{key}.npy", self.cache_dir / f"decoded-{key}.json"
 
     def _load_disk(self, key: str) -> DecodedSplit | None:
+        """Entry ``key`` when complete and consistent with its index, else None (it is then rebuilt). Read into RAM
+        up to COVID_CLS_CACHE_MEMORY_MB, memory-mapped above."""
         npy, meta = self._paths(key)
         try:
             info = json.loads(meta.read_text())
-            arr = np.load(npy, allow_pickle=False)
-            if arr.shape != (len(info["files"]), 1, self.size, self.size):
+            # A copy-on-write map: torch gets a writable array, and a stray in-place write would change this
+            # process's copy of a page, never the file. np.load refuses a file shorter than its header says.
+            arr = np.load(npy, mmap_mode="c", allow_pickle=False)
+            rows = info["rows"]
+            if (info["key"] != key or list(arr.shape) != info["shape"] or arr.shape[1:] != (1, self.size, self.size)
+                    or arr.dtype != np.uint8 or not 0 <= rows <= len(arr)
+                    or not len(info["files"]) == len(info["labels"]) == rows):
                 return None
-            split = DecodedSplit(torch.from_numpy(arr), torch.tensor(info["labels"], dtype=torch.long),
-                                 info["files"], [tuple(s) for s in info["skipped"]])
+            mapped = rows * self.size * self.size > _memory_cap()
+            split = _split(torch.from_numpy(arr[:rows] if mapped else np.array(arr[:rows])), info, mapped)
         except (OSError, ValueError, KeyError, TypeError):
             return None
         now = time.time()
@@ -511,32 +687,75 @@ class DecodedCache:
                 pass
         return split
 
-    def _save_disk(self, key: str, d: DecodedSplit) -> None:
-        from .fsio import atomic_write, disk_full_message
+    def _save_disk(self, key: str, d: DecodedSplit) -> bool:
+        """Write an already decoded split as entry ``key``; False if the disk refused (said in ``notes``)."""
+        def fill(write) -> dict:
+            for square in d.images.numpy():
+                write(square)
+            return {"files": d.files, "labels": d.labels.tolist(), "skipped": d.skipped}
+
+        return self._write_entry(key, len(d), fill)
+
+    def _write_entry(self, key: str, n: int, fill: Callable[[Callable[[np.ndarray], object]], dict]) -> bool:
+        """Write entry ``key`` of up to ``n`` images: ``fill(write)`` calls ``write(square)`` for each image kept,
+        in order, and returns the index (files, labels, skipped). False if the disk refused (said in ``notes``).
+
+        Nothing half-written is ever read as valid: the rows go to a temporary file (named like fsio.atomic_write's,
+        with the writer's pid), renamed into place when complete and synced; the index, which ``_load_disk``
+        requires and checks against the file (key, shape, rows), is written after it. Rows are appended with
+        plain writes, not through a writable memory map: a full disk is then an OSError here, not a SIGBUS.
+        """
+        import errno
+        import shutil
+
+        from . import fsio
 
         npy, meta = self._paths(key)
+        shape, nbytes, tmp = (n, 1, self.size, self.size), n * self.size * self.size, None
         try:
+            meta.unlink(missing_ok=True)   # an index must never describe another file than the one it was made for
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.prune(keep=key, incoming=d.images.numel())
-            atomic_write(npy, lambda f: np.save(f, d.images.numpy(), allow_pickle=False))
-            atomic_write(meta, lambda f: f.write(json.dumps(
-                {"files": d.files, "labels": d.labels.tolist(), "skipped": d.skipped}).encode()))
+            self.prune(keep=key, incoming=nbytes)
+            if shutil.disk_usage(self.cache_dir).free < nbytes + (64 << 20):   # said before anything is decoded
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            tmp = npy.with_name(f".{npy.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+            with open(tmp, "xb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                start = f.tell()
+                index = fill(lambda square: f.write(np.ascontiguousarray(square, dtype=np.uint8).data))
+                f.truncate(start + nbytes)   # rows of unreadable files: a hole at the end, never read
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, npy)
+            tmp = None
+            record = {"key": key, "shape": list(shape), "rows": len(index["files"]), **index}
+            fsio.atomic_write(meta, lambda f: f.write(json.dumps(record).encode()))
+            return True
         except OSError as exc:
             # The cache is an optimisation: a read-only or full disk must not fail the run, but is said.
-            try:
-                npy.unlink(missing_ok=True)
-            except OSError:
-                pass
-            self.notes.append(disk_full_message(exc, "the decoded image cache", self.cache_dir)
-                              + "; training goes on without it")
+            _unlink_quietly(npy, meta)
+            self.notes.append(fsio.disk_full_message(exc, f"the decoded image cache ({_size(nbytes)})",
+                                                     self.cache_dir) + "; training goes on without it")
+            return False
+        finally:
+            _unlink_quietly(tmp)   # whatever stopped the writing (an error, Ctrl-C) leaves no temporary file
 
     def prune(self, keep: str | None = None, incoming: int = 0) -> list[Path]:
         """Apply the cache policy to ``cache_dir`` (see CACHE_MAX_MB); ``incoming`` bytes are about to be
-        written, entry ``keep`` is not removed. Returns the files removed."""
+        written. Entry ``keep`` and the entries this process reads through a memory map are not removed; a
+        temporary file is, once its writer is gone (killed mid-write). Returns the files removed."""
         from .safety import env_limit, prune
 
+        with self._lock:
+            in_use = {k for k, d in self._memory.items() if d.mapped} | {keep}
         entries: dict[str, list] = {}
+        stale: list[Path] = []
         try:
+            for p in self.cache_dir.glob(".decoded-*.tmp"):   # .decoded-<key>.<ext>.<pid>.<random>.tmp
+                pid = p.name.split(".")[3]
+                if pid.isdigit() and not _pid_alive(int(pid)) and time.time() - p.stat().st_mtime > STALE_TMP_S:
+                    p.unlink(missing_ok=True)
+                    stale.append(p)
             for p in self.cache_dir.glob("decoded-*"):
                 k = p.name.split(".", 1)[0][len("decoded-"):]
                 st = p.stat()
@@ -544,11 +763,11 @@ class DecodedCache:
                 e[0].append(p)
                 e[1], e[2] = max(e[1], st.st_mtime), e[2] + st.st_size
         except OSError:
-            return []
+            return stale
         max_bytes = env_limit("COVID_CLS_CACHE_MAX_MB", CACHE_MAX_MB, 2**20)
-        return prune([tuple(e) for k, e in entries.items()], max_bytes=max_bytes - incoming,
-                     max_age_s=env_limit("COVID_CLS_CACHE_MAX_AGE_DAYS", CACHE_MAX_AGE_DAYS, 86400),
-                     keep=lambda paths: keep is not None and paths[0].name.startswith(f"decoded-{keep}."))
+        return stale + prune([tuple(e) for k, e in entries.items()], max_bytes=max_bytes - incoming,
+                             max_age_s=env_limit("COVID_CLS_CACHE_MAX_AGE_DAYS", CACHE_MAX_AGE_DAYS, 86400),
+                             keep=lambda paths: paths[0].name.split(".", 1)[0][len("decoded-"):] in in_use)
 
 
 def read_manifest(root: str | os.PathLike, column: str = "source_dataset") -> dict[str, str]:

@@ -489,8 +489,21 @@ def _visible_gpu(index: int) -> str:
     return parent[index] if parent and index < len(parent) else str(index)
 
 
+class _HaltOrOrphaned:
+    """The device workers' stop flag: the parent's ``halt``, or the parent is gone (killed: the Stop button's
+    last resort kills the app's training worker, which runs a parallel Study) - an orphan stops at its next step
+    and saves nothing instead of training on for nobody."""
+
+    def __init__(self, halt):
+        self.halt, self.parent = halt, os.getppid()
+
+    def is_set(self) -> bool:
+        return self.halt.is_set() or os.getppid() != self.parent
+
+
 def _device_worker(device: str, visible: str, threads: int, tasks, results, stop) -> None:
     """One process per device: takes runs from ``tasks`` until None; reports events and results."""
+    stop = _HaltOrOrphaned(stop)
     if device != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = visible   # before anything touches CUDA: this GPU is cuda:0 here
     else:
@@ -501,7 +514,7 @@ def _device_worker(device: str, visible: str, threads: int, tasks, results, stop
 
     while True:
         task = tasks.get()
-        if task is None:
+        if task is None or stop.is_set():
             return
         i, runs, name, cfg, roots = task
         cfg = TrainConfig.from_dict({**cfg, "device": "cpu" if device == "cpu" else "cuda"})

@@ -19,7 +19,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +34,28 @@ from .card import Card
 from .checkpoints import save_checkpoint
 from .config import TrainConfig, default_batch_size
 from .data import (
-    CLASSES,
-    POSITIVE,
     DecodedCache,
     DecodedSplit,
     Photometric,
     eval_batch,
     fingerprint,
     identical_images,
+    positive_class,
     scan_dataset,
     train_batch,
 )
 from .distributed import Dist
 from .distributed import setup as distributed_setup
 from .errors import TrainingError, TrainingStopped
-from .metrics import binary_metrics, choose_threshold, clean, fit_temperature_bounded, roc_points, split_report
+from .metrics import (
+    choose_threshold,
+    clean,
+    fit_temperature_bounded,
+    metrics_for,
+    roc_per_class,
+    roc_points,
+    split_report,
+)
 from .models import ARCHS, build_model, count_params
 from .ood import fit_all, layout_features
 from .runtime import Runtime, cpu_has_native_bf16, resolve_device  # noqa: F401 - re-exported
@@ -66,16 +73,17 @@ def seed_everything(seed: int) -> None:
 # Losses, optimisers, schedules
 # ---------------------------------------------------------------------------------------------------
 
-def make_loss(cfg: TrainConfig, train_labels: torch.Tensor, device: torch.device) -> Callable:
+def make_loss(cfg: TrainConfig, train_labels: torch.Tensor, device: torch.device, num_classes: int = 2,
+              positive: int = 0) -> Callable:
+    """``positive``: the class index focal loss's alpha weighs (the others get 1 - alpha)."""
     if cfg.loss == "ce":
         return nn.CrossEntropyLoss()
-    counts = torch.bincount(train_labels, minlength=len(CLASSES)).float().clamp(min=1)
+    counts = torch.bincount(train_labels, minlength=num_classes).float().clamp(min=1)
     if cfg.loss == "weighted_ce":
         # inverse class frequency, normalised so the weights average to 1
         w = counts.sum() / (len(counts) * counts)
         return nn.CrossEntropyLoss(weight=w.to(device))
-    gamma, alpha = cfg.focal_gamma, cfg.focal_alpha
-    pos = CLASSES.index(POSITIVE)
+    gamma, alpha, pos = cfg.focal_gamma, cfg.focal_alpha, positive
 
     def focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Lin et al. 2017: FL = -alpha_t (1 - p_t)^gamma log p_t; alpha weighs the positive class.
@@ -123,15 +131,19 @@ def make_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch:
 # ---------------------------------------------------------------------------------------------------
 
 class _Batches:
-    """Mini-batches of a decoded split (or of cached features), already on the device.
+    """Mini-batches of a decoded split (or of cached features), delivered on ``device`` (default: the labels').
 
+    ``x`` is on the device already (no copy per step), or stays on the host - images too large for the GPU, or a
+    memory-mapped cache (``_place``) - and each batch alone is gathered there and copied to the device.
     With ``dist`` (several ranks, distributed.py), ``batch_size`` is per rank: training steps go over global
     batches of ``batch_size x world`` images, of which each rank takes its contiguous part (``steps``), and
     evaluation runs on each rank's rows and gathers the results (``predict_logits``).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, dist: Dist | None = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, dist: Dist | None = None,
+                 device: torch.device | None = None):
         self.x, self.y, self.bs = x, y, batch_size
+        self.device = y.device if device is None else device
         self.dist = dist if dist is not None and dist.active else None
 
     @property
@@ -145,26 +157,63 @@ class _Batches:
         g = self.bs * w
         return n // g + (n % g >= w)
 
+    def _take(self, idx: slice | torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of x (``idx`` on x's device) on the device: from the host, only this batch is copied,
+        through pinned memory on CUDA so that the copy runs asynchronously; on the CPU nothing is copied."""
+        rows = self.x[idx]
+        if rows.device == self.device:
+            return rows
+        return (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
+
     def iterate(self, order: torch.Tensor | None = None):
         n = len(self.y)
+        on_x = order.to(self.x.device) if order is not None else None   # one copy per pass, not per batch
         for i in range(0, n, self.bs):
-            idx = order[i:i + self.bs] if order is not None else slice(i, i + self.bs)
-            yield self.x[idx], self.y[idx]
+            rows = slice(i, i + self.bs)
+            if order is None:
+                yield self._take(rows), self.y[rows]
+            else:
+                yield self._take(on_x[rows]), self.y[order[rows]]
 
     def steps(self, order: torch.Tensor):
         """(x, y, m) per training step: this rank's part of the next global batch of ``order``, and m, the
         images in the whole global batch (= len(y) with one process)."""
         n, w = len(self.y), self.world
         r, g = (self.dist.rank if self.dist is not None else 0), self.bs * w
+        on_x = order.to(self.x.device)   # a no-op unless the images stay on the host: then one copy per epoch
         for i in range(len(self)):
             lo = i * g
             m = min(g, n - lo)
-            idx = order[lo + r * m // w: lo + (r + 1) * m // w]
-            yield self.x[idx], self.y[idx], m
+            rows = slice(lo + r * m // w, lo + (r + 1) * m // w)
+            yield self._take(on_x[rows]), self.y[order[rows]], m
 
     def part(self, rows: slice) -> _Batches:
         """The same batch size over some rows (one rank's shard), for a single process."""
-        return _Batches(self.x[rows], self.y[rows], self.bs)
+        return _Batches(self.x[rows], self.y[rows], self.bs, device=self.device)
+
+
+# At most this share of the GPU's free memory holds decoded images (the rest is for the model, its activations
+# and the optimiser); splits beyond it stay on the host and each batch is copied (_Batches).
+GPU_IMAGES_SHARE = 0.5
+
+
+def _place(decoded: dict[str, DecodedSplit], rt: Runtime) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], str]:
+    """Each split's (images, labels) for the epochs, and what to tell the user. Labels go to the device; images
+    too on CUDA while they fit in GPU_IMAGES_SHARE of its free memory (split by split, train first), else they
+    stay where they are - RAM or the memory-mapped cache - and are read batch by batch. On the CPU nothing moves."""
+    budget = torch.cuda.mem_get_info(rt.device)[0] * GPU_IMAGES_SHARE if rt.device.type == "cuda" else 0
+    placed, host = {}, []
+    for name, d in decoded.items():
+        x = d.images
+        if rt.device.type == "cuda" and x.numel() <= budget:
+            budget -= x.numel()
+            x = x.to(rt.device)
+        elif rt.device.type == "cuda":
+            host.append(f"{name} ({x.numel() / 1e9:.1f} GB)")
+        placed[name] = (x, d.labels.to(rt.device))
+    note = (f"images of {', '.join(host)} stay in host memory (more than {GPU_IMAGES_SHARE:.0%} of the GPU's free "
+            f"memory): each batch is copied to {rt.device}") if host else ""
+    return placed, note
 
 
 def _on_any_rank(dist: Dist | None, flag: bool) -> bool:
@@ -235,7 +284,7 @@ def train_one_epoch(model: nn.Module, forward: Callable[[torch.Tensor, bool], to
 
 @torch.no_grad()
 def predict_logits(forward: Callable[[torch.Tensor, bool], torch.Tensor], batches: _Batches,
-                   rt: Runtime, stop=None) -> torch.Tensor:
+                   rt: Runtime, stop=None, num_classes: int = 2) -> torch.Tensor:
     """Logits of every row (on the CPU); with several ranks each computes its rows and all get all."""
 
     def run(rows: slice) -> tuple[torch.Tensor]:
@@ -245,21 +294,23 @@ def predict_logits(forward: Callable[[torch.Tensor, bool], torch.Tensor], batche
                 raise TrainingStopped("stopped on request")
             with rt.autocast():
                 out.append(forward(x, False).float().cpu())
-        return (torch.cat(out) if out else torch.zeros(0, len(CLASSES)),)
+        return (torch.cat(out) if out else torch.zeros(0, num_classes),)
 
     if batches.dist is None:
         return run(slice(None))[0]
     return batches.dist.split_map(len(batches.y), run)[0]
 
 
-def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *,
-             temperature: float = 1.0, stop=None) -> tuple[dict[str, Any], torch.Tensor]:
-    """Metrics of one split (positive class = infected) and the raw logits."""
+def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *, temperature: float = 1.0, stop=None,
+             classes: Sequence[str] = ("infected", "normal")) -> tuple[dict[str, Any], torch.Tensor]:
+    """Metrics of one split and the raw logits: binary (about ``positive_class(classes)``) for two classes,
+    per class one-vs-rest and macro for more (``metrics.metrics_for``)."""
     model.eval()
-    logits = predict_logits(forward, batches, rt, stop)
+    logits = predict_logits(forward, batches, rt, stop, num_classes=len(classes))
     labels = batches.y.cpu()
     probs = torch.softmax(logits / temperature, dim=1).numpy()
-    m = binary_metrics(probs, labels.numpy(), positive=CLASSES.index(POSITIVE))
+    m = metrics_for(probs, labels.numpy(), positive=list(classes).index(positive_class(classes)),
+                    classes=list(classes))
     m["loss"] = float(F.cross_entropy(logits / temperature, labels)) if len(labels) else float("nan")
     return m, logits
 
@@ -365,13 +416,14 @@ def _decode(cfg: TrainConfig, emit: EventFn, roots=None):
     for name, split in info.splits.items():
         decoded[name] = cache.get(split, info.root, progress=lambda d, t, name=name: emit(
             ev.Decode(split=name, done=d, total=t)))
-        for note in cache.notes:
-            emit(ev.Log(message=f"WARNING: {note}"))
+        for line in cache.info + [f"WARNING: {note}" for note in cache.notes]:
+            emit(ev.Log(message=line))
+        cache.info.clear()
         cache.notes.clear()
         if decoded[name].skipped:
             emit(ev.Log(message=f"{name}: skipped {len(decoded[name].skipped)} unreadable file(s), "
                         f"e.g. {decoded[name].skipped[0][0]}: {decoded[name].skipped[0][1]}"))
-        if len(decoded[name]) == 0 or decoded[name].labels.unique().numel() < len(CLASSES):
+        if len(decoded[name]) == 0 or decoded[name].labels.unique().numel() < len(info.classes):
             raise TrainingError(f"split {name} has no readable images of some class after decoding")
         if name == "train" and identical_images(decoded[name].images):
             # Nothing to learn, and a zero covariance for the OOD statistics: say so before any training.
@@ -394,10 +446,11 @@ def _leakage(decoded: dict[str, DecodedSplit], emit: EventFn) -> dict[str, Any]:
     return {"train_hashes": found["train_hashes"], "near_duplicates": found["pairs"]}
 
 
-def _build(cfg: TrainConfig, rt: Runtime, emit: EventFn):
+def _build(cfg: TrainConfig, rt: Runtime, emit: EventFn, num_classes: int = 2):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = build_model(cfg.arch, cfg.level, weights=cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout)
+        model = build_model(cfg.arch, cfg.level, weights=cfg.weights, hidden=cfg.hidden, dropout=cfg.dropout,
+                            num_classes=num_classes)
     for w in caught:
         emit(ev.Log(message=str(w.message)))
     rt.model(model)
@@ -452,9 +505,11 @@ def _plan(model, cfg: TrainConfig, rt: Runtime, on_dev, bs: int, gen, stop, dist
                  note=note)
 
 
-def _train_epochs(model, cfg: TrainConfig, plan: _Plan, train_labels, gen, emit: EventFn, stop):
-    """The epochs; keeps the best by validation AUC (lower validation loss breaks ties) and restores it."""
-    loss_fn = make_loss(cfg, train_labels, plan.rt.device)
+def _train_epochs(model, cfg: TrainConfig, plan: _Plan, train_labels, gen, emit: EventFn, stop,
+                  classes: Sequence[str] = ("infected", "normal")):
+    """The epochs; keeps the best by validation AUC (macro one-vs-rest for more than two classes; lower
+    validation loss breaks ties) and restores it."""
+    loss_fn = make_loss(cfg, train_labels, plan.rt.device, len(classes), list(classes).index(positive_class(classes)))
     opt = make_optimizer(cfg, model.parameters())
     sched = make_schedule(cfg, opt, len(plan.batches["train"]))
     history: list[dict[str, Any]] = []
@@ -467,9 +522,9 @@ def _train_epochs(model, cfg: TrainConfig, plan: _Plan, train_labels, gen, emit:
         tr = train_one_epoch(model, plan.forward, plan.batches["train"], opt, loss_fn, rt=plan.rt, generator=gen,
                              scheduler=sched, epoch=epoch, epochs=cfg.epochs, emit=emit, stop=stop,
                              log_every=cfg.log_every)
-        val, _ = evaluate(model, plan.forward, plan.eval_batches["validation"], plan.rt, stop=stop)
-        e = ev.Epoch(epoch=epoch, epochs=cfg.epochs, train=clean(tr),
-                     val=clean({k: v for k, v in val.items() if k != "confusion"}), seconds=time.perf_counter() - t0)
+        val, _ = evaluate(model, plan.forward, plan.eval_batches["validation"], plan.rt, stop=stop, classes=classes)
+        e = ev.Epoch(epoch=epoch, epochs=cfg.epochs, train=clean(tr), seconds=time.perf_counter() - t0,
+                     val=clean({k: v for k, v in val.items() if k not in ("confusion", "per_class")}))
         history.append(e.record())
         emit(e)
         key = (val["auc"] if math.isfinite(val["auc"]) else -1.0, -val["loss"])
@@ -504,16 +559,16 @@ CONFORMAL_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 ABSTAIN_BUDGET = 0.05
 
 
-def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Tensor) -> _Calibration:
+def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Tensor, pos: int = 0) -> _Calibration:
     """Bounded temperature (no "100 %" from a tiny or perfectly separated validation set), then the decision
-    threshold on the calibrated P(positive), then the conformal quantile (selective.py)."""
+    threshold on the calibrated P(positive) (two classes only: with more, the most probable class is the
+    answer), then the conformal quantile (selective.py)."""
     from .selective import conformal_threshold, prediction_sets, set_abstains
 
     temperature, note = fit_temperature_bounded(val_logits, val_labels)
     probs = torch.softmax(val_logits / temperature, 1).numpy()
     labels = val_labels.cpu().numpy()
-    pos = CLASSES.index(POSITIVE)
-    threshold = None if cfg.threshold_rule == "argmax" else choose_threshold(
+    threshold = None if cfg.threshold_rule == "argmax" or probs.shape[1] != 2 else choose_threshold(
         labels == pos, probs[:, pos], method=cfg.threshold_rule, target=cfg.target_sensitivity)
     for alpha in CONFORMAL_ALPHAS:
         qhat = conformal_threshold(probs, labels, alpha)
@@ -522,24 +577,29 @@ def _calibrate(cfg: TrainConfig, val_logits: torch.Tensor, val_labels: torch.Ten
     return _Calibration(temperature, note, threshold, qhat, alpha)
 
 
-def _final_logits(model, plan: _Plan, stop) -> dict[str, torch.Tensor]:
+def _final_logits(model, plan: _Plan, stop, num_classes: int = 2) -> dict[str, torch.Tensor]:
     """Every split's logits with the restored best model (with several ranks: computed on shards, gathered)."""
     model.eval()
-    return {name: predict_logits(plan.forward, plan.eval_batches[name], plan.rt, stop)
+    return {name: predict_logits(plan.forward, plan.eval_batches[name], plan.rt, stop, num_classes)
             for name in ("validation", "train", "test")}
 
 
-def _final_metrics(cfg: TrainConfig, plan: _Plan, logits: dict[str, torch.Tensor]
-                   ) -> tuple[dict[str, Any], _Calibration]:
+def _final_metrics(cfg: TrainConfig, plan: _Plan, logits: dict[str, torch.Tensor],
+                   classes: Sequence[str] = ("infected", "normal")) -> tuple[dict[str, Any], _Calibration]:
     """Calibrate on validation, then every split's metrics at the chosen operating point, with CIs."""
-    cal = _calibrate(cfg, logits["validation"], plan.batches["validation"].y.cpu())
-    metrics, pos = {}, CLASSES.index(POSITIVE)
+    classes = list(classes)
+    pos = classes.index(positive_class(classes))
+    cal = _calibrate(cfg, logits["validation"], plan.batches["validation"].y.cpu(), pos)
+    metrics = {}
     for name in ("train", "validation", "test"):
         labels = plan.batches[name].y.cpu().numpy()
         probs = torch.softmax(logits[name] / cal.temperature, 1).numpy()
-        m = split_report(probs, labels, pos, cal.threshold, n_boot=0 if name == "train" else 2000, seed=cfg.seed)
+        m = split_report(probs, labels, pos, cal.threshold, n_boot=0 if name == "train" else 2000, seed=cfg.seed,
+                         classes=classes)
         m["loss"] = float(F.cross_entropy(logits[name] / cal.temperature, torch.from_numpy(labels)))
         m["roc"] = roc_points(labels == pos, probs[:, pos])
+        if len(classes) > 2:   # one curve per class, one-vs-rest
+            m["roc_per_class"] = roc_per_class(probs, labels, classes)
         metrics[name] = clean(m)
     return metrics, cal
 
@@ -554,16 +614,18 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist
         info, decoded = _decode(cfg, emit, roots)
     leakage = _leakage(decoded, emit) if dist.main else {}
     with dist.local_first():   # one ImageNet download per node, should there be one
-        model, params = _build(cfg, rt, emit)
-    # data on the device (uint8: 65 KB per 256 px image)
-    on_dev = {k: (v.images.to(rt.device), v.labels.to(rt.device)) for k, v in decoded.items()}
+        model, params = _build(cfg, rt, emit, len(info.classes))
+    # images on the GPU when they fit there (uint8: 65 KB per 256 px image), else on the host, read per batch
+    on_dev, where = _place(decoded, rt)
+    if where:
+        emit(ev.Log(message=where))
     plan = _plan(model, cfg, rt, on_dev, bs, gen, stop, dist)
     if plan.note:
         emit(ev.Log(message=plan.note))
-    history, best_epoch = _train_epochs(model, cfg, plan, decoded["train"].labels, gen, emit, stop)
+    history, best_epoch = _train_epochs(model, cfg, plan, decoded["train"].labels, gen, emit, stop, info.classes)
     if plan.replicated:
         dist.broadcast_trainable(model)   # fc: every rank trained the same head; rank 0's, bit for bit
-    logits = _final_logits(model, plan, stop)
+    logits = _final_logits(model, plan, stop, len(info.classes))
     # OOD statistics of the final model's pooled features (Lee et al. 2018; see ood.py)
     pooled = plan.pooled or {k: _features(model, on_dev[k][0], cfg, rt, max(bs, 64), stop, dist,
                                           head_input=False)[1] for k in ("train", "validation")}
@@ -571,7 +633,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist
         raise TrainingStopped("stopped on request")
     path = metrics = cal = None
     if dist.main:   # the last collective is behind us: rank 0 computes the CIs and writes alone
-        metrics, cal = _final_metrics(cfg, plan, logits)
+        metrics, cal = _final_metrics(cfg, plan, logits, info.classes)
         ood_stats = fit_all(pooled, {k: layout_features(on_dev[k][0]) for k in ("train", "validation")},
                             on_dev["train"][1])
         model.to("cpu")
@@ -592,7 +654,7 @@ def _fit(cfg: TrainConfig, emit: EventFn, stop, t_start: float, roots=None, dist
 def _card(cfg: TrainConfig, model, rt: Runtime, distributed: dict, info, decoded, leakage, metrics,
           cal: _Calibration, history, best_epoch: int, params, t_start: float, roots) -> Card:
     return Card(
-        arch=cfg.arch, level=cfg.level, classes=list(CLASSES), positive=POSITIVE, hidden=cfg.hidden,
+        arch=cfg.arch, level=cfg.level, classes=list(info.classes), positive=info.positive, hidden=cfg.hidden,
         dropout=cfg.dropout, image_size=cfg.image_size, cache_size=cfg.cache_size,
         weights_origin=model.weights_origin, weights_note=model.weights_note, config=cfg.to_dict(),
         metrics=metrics, temperature=cal.temperature, threshold=cal.threshold, calibration_note=cal.note,

@@ -20,7 +20,7 @@ from .card import Card
 from .checkpoints import load_checkpoint, model_from_checkpoint
 from .config import TrainConfig
 from .data import DecodedCache, DecodedSplit, read_manifest, scan_dataset
-from .metrics import auc_verdict, bootstrap_ci, clean, paired_auc_test, roc_points, split_report
+from .metrics import auc_verdict, bootstrap_ci, clean, paired_auc_test, roc_per_class, roc_points, split_report
 from .ood import layout_features, score
 from .runtime import Runtime
 from .selective import set_abstains
@@ -37,9 +37,10 @@ class Scored:
 
 
 def score_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
-                     device: str = "auto", batch_size: int = 64, precision: str = "fp32") -> Scored:
+                     device: str = "auto", batch_size: int = 64, precision: str = "fp32", roots=None) -> Scored:
     """Run a checkpoint over a split (or a flat labelled folder) exactly as the Predictor would (fp32 by
-    default, same preprocessing), keeping what every later report needs."""
+    default, same preprocessing), keeping what every later report needs. ``roots``: the folders the images may
+    come from, checked for every file when it is opened (the app passes its data roots; None: no restriction)."""
     from .engine import backbone_features
 
     rt = Runtime.create(device, precision)
@@ -47,10 +48,10 @@ def score_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split
     card = ckpt.card
     model = model_from_checkpoint(ckpt, rt.device).requires_grad_(False)
     rt.model(model)
-    info = scan_dataset(data_dir, splits=(split,))
-    d = DecodedCache(card.cache_size).get(info.splits[split], info.root)
+    info = scan_dataset(data_dir, splits=(split,), classes=card.classes, roots=roots)   # the model's classes
+    d = DecodedCache(card.cache_size, roots=roots).get(info.splits[split], info.root)
     cfg = TrainConfig.from_dict({**card.config, "augment": False, "image_size": card.image_size})
-    logits, pooled = backbone_features(model, d.images.to(rt.device), cfg, rt, batch_size, head_input=False)
+    logits, pooled = backbone_features(model, d.images, cfg, rt, batch_size, head_input=False)
     probs = torch.softmax(logits.float().cpu() / card.temperature, 1).numpy()
     return Scored(card, d, probs, _flags(card, ckpt.ood_stats, probs, pooled.cpu(), d.images))
 
@@ -66,7 +67,8 @@ def _flags(card: Card, stats: dict | None, probs: np.ndarray, pooled: torch.Tens
             flags[name] = (score(feat, st) > float(st["threshold"])).numpy()
     sets = card.conformal_sets(probs)
     if sets is not None:
-        flags["conformal set holds both classes (or none)"] = set_abstains(sets)
+        several = "both classes" if card.num_classes == 2 else "several classes"
+        flags[f"conformal set holds {several} (or none)"] = set_abstains(sets)
     return flags
 
 
@@ -112,28 +114,30 @@ def duplicates_of_training(card: Card, s: Scored, limit: int = 50) -> dict[str, 
 
 def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split: str = "test",
                         device: str = "auto", batch_size: int = 64, precision: str = "fp32",
-                        n_boot: int = 2000) -> dict[str, Any]:
-    """Metrics of a saved model on one split of a dataset, or on a flat labelled folder (``infected/``
-    ``normal/``), at the model's operating point, with 95 % bootstrap intervals, per source (MANIFEST.csv),
-    the abstention rule's behaviour and near-duplicates of training images.
+                        n_boot: int = 2000, roots=None) -> dict[str, Any]:
+    """Metrics of a saved model on one split of a dataset, or on a flat labelled folder (one folder per class
+    of the model, e.g. ``infected/`` ``normal/``), at the model's operating point, with 95 % bootstrap
+    intervals, per source (MANIFEST.csv), the abstention rule's behaviour and near-duplicates of training images.
 
     Also returns per-image ``files``, ``labels``, ``probs`` (classes order) and ``flagged``.
     """
-    s = score_checkpoint(path, data_dir, split, device, batch_size, precision)
+    s = score_checkpoint(path, data_dir, split, device, batch_size, precision, roots)
     card, labels = s.card, s.split.labels.numpy()
     pos = card.positive_index
-    report = split_report(s.probs, labels, pos, card.threshold, n_boot=n_boot)
+    report = split_report(s.probs, labels, pos, card.threshold, n_boot=n_boot, classes=card.classes)
     report["roc"] = roc_points(labels == pos, s.probs[:, pos])
+    if card.num_classes > 2:
+        report["roc_per_class"] = roc_per_class(s.probs, labels, card.classes)
     subsets = {}
     source = read_manifest(data_dir)
     for name in sorted({source.get(f, "") for f in s.split.files} - {""}):
         idx = [i for i, f in enumerate(s.split.files) if source.get(f) == name]
-        sub = split_report(s.probs[idx], labels[idx], pos, card.threshold, n_boot=n_boot)
+        sub = split_report(s.probs[idx], labels[idx], pos, card.threshold, n_boot=n_boot, classes=card.classes)
         subsets[_short(name)] = clean(sub)
     flagged = np.zeros(len(labels), bool)
     for f in s.flags.values():
         flagged |= f
-    return {**clean(report), "split": split, "classes": card.classes, "subsets": subsets,
+    return {**clean(report), "split": split, "classes": card.classes, "positive": card.positive, "subsets": subsets,
             "threshold": card.threshold, "temperature": card.temperature,
             "selective": clean(selective_report(card, s)), "duplicates": duplicates_of_training(card, s),
             "weights_origin": card.weights_origin, "checkpoint": str(path), "files": s.split.files,
@@ -142,11 +146,12 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, sp
 
 
 def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, data_dir: str | os.PathLike,
-                        split: str = "test", device: str = "auto", n_boot: int = 2000) -> dict[str, Any]:
+                        split: str = "test", device: str = "auto", n_boot: int = 2000, roots=None) -> dict[str, Any]:
     """Two models on the SAME images: each one's AUC, the paired difference with DeLong's test and a paired
-    bootstrap interval, and a plain verdict (does B really beat A, or is the difference noise?)."""
-    a = score_checkpoint(path_a, data_dir, split, device)
-    b = score_checkpoint(path_b, data_dir, split, device)
+    bootstrap interval, and a plain verdict (does B really beat A, or is the difference noise?). With more than
+    two classes the AUC compared is the positive class's (``card.positive``) one-vs-rest AUC, named in ``about``."""
+    a = score_checkpoint(path_a, data_dir, split, device, roots=roots)
+    b = score_checkpoint(path_b, data_dir, split, device, roots=roots)
     if a.split.files != b.split.files:
         raise ValueError("the two checkpoints decoded different images; compare them on the same folder")
     if a.card.classes != b.card.classes:
@@ -162,7 +167,7 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
             iv = bootstrap_ci(y, s.probs[:, pos], ("auc",), n_boot=n_boot)["auc"]
             cis[key] = [iv.low, iv.high]
     return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names), "n": int(len(y)),
-            "split": split, "verdict": auc_verdict(res, names)}
+            "split": split, "verdict": auc_verdict(res, names), "about": a.card.positive}
 
 
 __all__ = ["Scored", "score_checkpoint", "evaluate_checkpoint", "compare_checkpoints", "selective_report",

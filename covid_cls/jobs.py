@@ -105,7 +105,8 @@ class Run:
         if kw.get("metrics") is not None:   # per split: a dict of numbers, or left out
             kw["metrics"] = {k: v for k, v in kw["metrics"].items() if isinstance(v, dict)}
         study = kw.get("study", {})
-        for name, types in (("runs", list), ("rows", list), ("histories", dict), ("files", dict), ("current", str)):
+        for name, types in (("runs", list), ("rows", list), ("histories", dict), ("files", dict), ("current", str),
+                            ("live", dict), ("done_fraction", dict)):
             if name in study and not isinstance(study[name], types):
                 raise ValueError(f"'study.{name}' has the wrong type ({type(study[name]).__name__})")
         return cls(**kw)
@@ -353,15 +354,15 @@ class JobManager:
     @staticmethod
     def _apply(run: Run, e: ev.Event) -> None:
         """Fold one event into the run's state; the log line is ``events.describe``'s."""
-        # inside a Study, the share of the whole done before this run started, and this run's share
-        offset, share = ((e.run - 1) / e.runs, 1 / e.runs) if e.runs else (0.0, 1.0)
         line = ev.describe(e)
         if isinstance(e, ev.Step):
             run.steps.append((e.progress, float(e.loss)))
-            run.progress = offset + share * e.progress / e.epochs
+            run.progress = _progress(run, e, e.progress / e.epochs)
         elif isinstance(e, ev.Epoch):
             run.history.append(e.record())
-            run.progress = offset + share * e.epoch / e.epochs
+            if e.runs:   # a Study's runs may go in parallel (issue 13 #2): each keeps its own curve
+                run.study.setdefault("live", {}).setdefault(e.name or "run", []).append(e.record())
+            run.progress = _progress(run, e, e.epoch / e.epochs)
         elif isinstance(e, ev.RunStart):
             run.history, run.steps = [], []
             run.study.setdefault("runs", []).append(e.name)
@@ -370,7 +371,8 @@ class JobManager:
             run.message = f"decoding {e.split}: {e.done}/{e.total}"
         elif isinstance(e, ev.Done):
             run.checkpoint, run.metrics = e.checkpoint, e.metrics
-            run.study.setdefault("histories", {})[e.name or "run"] = list(run.history)
+            live = run.study.get("live", {}).get(e.name or "run")
+            run.study.setdefault("histories", {})[e.name or "run"] = list(live if live is not None else run.history)
             if run.kind == "train":
                 run.status, run.progress, run.message = "done", 1.0, "finished"
         elif isinstance(e, ev.StudyDone):
@@ -384,6 +386,16 @@ class JobManager:
             run.status, run.message = "failed", e.message
         if line:
             run.log.append(line)
+
+
+def _progress(run: Run, e: ev.Event, fraction: float) -> float:
+    """The whole job's progress: one run's ``fraction``, or inside a Study the mean over its runs of each one's
+    fraction done (runs may go one after another or in parallel, one per device)."""
+    if not e.runs:
+        return fraction
+    parts = run.study.setdefault("done_fraction", {})
+    parts[str(e.run)] = fraction   # str: the run is saved as JSON
+    return sum(parts.values()) / e.runs
 
 
 def _exit_reason(code: int | None) -> str:

@@ -147,7 +147,15 @@ def _worker(kind: str, cfg: dict, extra: dict, conn, stop) -> None:
 def _study(config, extra: dict, events: _EventSender, stop) -> None:
     from .study import run_study, write_outputs
 
-    kw = {k: extra[k] for k in ("archs", "levels") if extra.get(k)}
+    # "devices": one process per GPU when the server sees several (issue 13 #2; Settings.study_devices)
+    kw = {k: extra[k] for k in ("archs", "levels", "devices") if extra.get(k)}
+    if kw.get("devices"):
+        import multiprocessing as mp
+
+        # This worker is daemonic (the server never waits for it at exit), and a daemonic process may not
+        # start children. The device workers it starts are daemonic themselves, so they end with it when it
+        # exits, and stop at their next step when it is killed (distributed._HaltOrOrphaned).
+        mp.current_process().daemon = False
     rows = run_study(config, **kw, on_event=events.put, stop=stop, roots=extra.get("roots"))
     paths = write_outputs(rows, extra["report_dir"])
     events.put(ev.StudyDone(rows=[{k: v for k, v in r.items() if k != "history"} for r in rows],

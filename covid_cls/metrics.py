@@ -1,7 +1,9 @@
-"""Classification metrics for a binary task, positive class = ``infected``.
+"""Classification metrics: a binary task (positive class = ``infected``) or any number of classes.
 
 Accuracy alone hides what matters clinically: sensitivity (infected cases found) and specificity
-(normal cases left alone) are always reported, with ROC AUC and calibration (ECE).
+(normal cases left alone) are always reported, with ROC AUC and calibration (ECE). With more than two classes
+(issue 13) each class is scored one-vs-rest and the headline numbers are their macro (unweighted) averages, so
+a rare class counts as much as a common one; :func:`metrics_for` and :func:`split_report` pick the right kind.
 """
 
 from __future__ import annotations
@@ -209,19 +211,27 @@ class Interval(NamedTuple):
     high: float
 
 
-def bootstrap_indices(y_true: np.ndarray, n_boot: int = 2000, seed: int = 0, stratified: bool = True) -> np.ndarray:
+def bootstrap_indices(y_true: np.ndarray, n_boot: int = 2000, seed: int = 0, stratified: bool = True,
+                      by_class: bool = False) -> np.ndarray:
     """Index matrix (n_boot, n) of bootstrap resamples, drawn once and shared by every metric.
 
     Stratified (the default): positives and negatives are resampled separately, keeping their counts, so every
     resample has both classes (AUC, sensitivity and specificity are always defined) and the class balance of
     the evaluated set is not part of the noise. Sharing the matrix between two models gives a PAIRED bootstrap.
+    ``by_class=True``: ``y_true`` holds class indices (any number of classes) and each class is resampled
+    separately, in ascending class order; the default keeps the (positive, negative) order, hence the exact
+    resamples, of the binary reports.
     """
-    y = np.asarray(y_true).astype(bool)
     rng = np.random.default_rng(seed)
+    if by_class:
+        y = np.asarray(y_true).reshape(-1)
+        pools = [np.flatnonzero(y == c) for c in np.unique(y)]
+    else:
+        y = np.asarray(y_true).astype(bool)
+        pools = [np.flatnonzero(y), np.flatnonzero(~y)]
     if not stratified:
         return rng.integers(0, len(y), size=(n_boot, len(y)))
-    parts = [pool[rng.integers(0, len(pool), size=(n_boot, len(pool)))]
-             for pool in (np.flatnonzero(y), np.flatnonzero(~y)) if len(pool)]
+    parts = [pool[rng.integers(0, len(pool), size=(n_boot, len(pool)))] for pool in pools if len(pool)]
     return np.concatenate(parts, axis=1) if parts else np.zeros((n_boot, 0), dtype=np.int64)
 
 
@@ -274,19 +284,25 @@ def _resampled_metrics(y: np.ndarray, s: np.ndarray, idx: np.ndarray, names: lis
         elif name == "auc":
             out[name] = _auc_resampled(y, s, idx)
         elif name == "ece":
-            # ECE of the predicted class (as expected_calibration_error on [p, 1-p]): with fixed equal-width bins
-            # it is sum_k |#correct_k - sum conf_k| / n, i.e. two bincounts per resample.
-            conf = np.maximum(s, 1.0 - s)
-            correct = ((s >= 0.5) == y).astype(np.float64)
-            edges = np.linspace(0.0, 1.0, bins + 1)
-            b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
-            keys = b[idx] + (np.arange(len(idx)) * bins)[:, None]
-            gap = (np.bincount(keys.ravel(), weights=correct[idx].ravel(), minlength=len(idx) * bins)
-                   - np.bincount(keys.ravel(), weights=conf[idx].ravel(), minlength=len(idx) * bins))
-            out[name] = np.abs(gap.reshape(len(idx), bins)).sum(1) / max(idx.shape[1], 1)
+            # ECE of the predicted class, as expected_calibration_error on [p, 1-p]
+            out[name] = _ece_resampled(np.maximum(s, 1.0 - s), ((s >= 0.5) == y).astype(np.float64), idx, bins)
         else:
             out[name] = simple[name]
     return out
+
+
+def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray, bins: int = 15) -> np.ndarray:
+    """``expected_calibration_error`` of every row of ``idx`` from each image's confidence and correctness.
+
+    With fixed equal-width bins ECE is sum_k |#correct_k - sum conf_k| / n, i.e. two bincounts per resample,
+    which is what makes 2,000 resamples cheap.
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    keys = b[idx] + (np.arange(len(idx)) * bins)[:, None]
+    gap = (np.bincount(keys.ravel(), weights=correct[idx].ravel(), minlength=len(idx) * bins)
+           - np.bincount(keys.ravel(), weights=conf[idx].ravel(), minlength=len(idx) * bins))
+    return np.abs(gap.reshape(len(idx), bins)).sum(1) / max(idx.shape[1], 1)
 
 
 def _metric_list(metrics) -> list[tuple[str, Callable | None]]:
@@ -520,16 +536,162 @@ def fit_temperature_bounded(logits, labels, t_min: float = 0.5, t_max: float = 1
     return t, ""
 
 
+# ---------------------------------------------------------------------------------------------------
+# Any number of classes (issue 13): each class one-vs-rest, headline numbers = macro (unweighted) averages.
+# ---------------------------------------------------------------------------------------------------
+
+PER_CLASS_METRICS = ("auc", "sensitivity", "specificity", "precision", "f1")
+CI_KEYS = ("auc", "sensitivity", "specificity", "f1", "ece")  # the metrics split_report gives intervals for
+
+
+def _checked(probs, labels, classes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(probs (N, C) float, labels (N,) int, C class names); names default to "0", "1", ... ."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != len(labels) or probs.shape[1] < 2:
+        raise ValueError(f"probs must be (N, C >= 2) with one row per label, got {probs.shape} for {len(labels)}")
+    c = probs.shape[1]
+    if len(labels) and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= c):
+        raise ValueError(f"labels must be integer classes in [0, {c}), got {labels.dtype} {np.unique(labels)[:5]}")
+    names = [str(i) for i in range(c)] if classes is None else [str(n) for n in classes]
+    if len(names) != c or len(set(names)) != c:
+        raise ValueError(f"need {c} distinct class names for {c} probability columns, got {list(names)}")
+    return probs, labels.astype(np.int64), names
+
+
+def _per_class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """One-vs-rest sensitivity, specificity, precision and F1 of each class from confusion matrices (..., C, C)
+    (rows = true, columns = predicted); arrays (..., C), NaN where a rate is 0/0.
+
+    F1 is 2TP / (2TP + FP + FN): the same as 2PR / (P + R) where both are defined, but also defined (0) for a
+    class that occurs and is never predicted — exactly the failure a macro F1 must not leave out.
+    Works on one matrix (the point estimate) and on a stack of bootstrap matrices alike, so the two agree.
+    """
+    cm = cm.astype(np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support, predicted = cm.sum(-1), cm.sum(-2)
+    fn, fp = support - tp, predicted - tp
+    tn = cm.sum((-2, -1))[..., None] - tp - fn - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"sensitivity": np.where(support > 0, tp / support, np.nan),
+                "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+                "precision": np.where(predicted > 0, tp / predicted, np.nan),
+                "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)}
+
+
+def _macro(per: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
+    """Unweighted mean over the classes that occur in the labels (last axis), of the finite values.
+
+    A class absent from the split has no sensitivity or AUC and is left out (not counted as 0 or 1). A class that
+    occurs but is never predicted has precision 0/0; it counts as 0 in the macro precision (as scikit-learn's
+    ``zero_division=0``) so that never predicting a class lowers the average instead of vanishing from it.
+    """
+    out = {}
+    for k, v in per.items():
+        v = v[..., present]
+        if k == "precision":
+            v = np.nan_to_num(v, nan=0.0)
+        ok = np.isfinite(v)
+        count = ok.sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[k] = np.where(count > 0, np.where(ok, v, 0.0).sum(-1) / np.maximum(count, 1), np.nan)
+    return out
+
+
+def multiclass_metrics(probs: np.ndarray, labels: np.ndarray, classes=None) -> dict:
+    """Metrics for C >= 2 classes from probabilities (N, C) and integer labels (N,); the prediction is the argmax.
+
+    Keys: ``n``, ``accuracy``; macro averages ``auc`` (one-vs-rest, over the classes with both positives and
+    negatives), ``sensitivity`` (macro recall), ``specificity``, ``precision``, ``f1`` (see ``_macro``); ``ece``
+    (of the predicted class); ``confusion`` (C x C, rows = true class, columns = predicted, in class order) and
+    ``per_class`` = {name: {auc, sensitivity, specificity, precision, f1, n}} with ``classes`` as names ("0",
+    "1", ... when None). NaN where undefined (``clean`` makes it None for JSON).
+    """
+    probs, labels, names = _checked(probs, labels, classes)
+    c, n = probs.shape[1], len(labels)
+    pred = probs.argmax(axis=1)
+    cm = np.bincount(labels * c + pred, minlength=c * c).reshape(c, c)
+    per = _per_class_rates(cm)
+    per["auc"] = np.array([roc_auc(labels == k, probs[:, k]) for k in range(c)])
+    support = cm.sum(axis=1)
+    macro = _macro(per, support > 0)
+    return {
+        "n": n,
+        "accuracy": _safe_div(float(np.trace(cm)), n),
+        **{k: float(macro[k]) for k in PER_CLASS_METRICS},
+        "ece": expected_calibration_error(probs, labels) if n else float("nan"),
+        "confusion": cm.tolist(),
+        "per_class": {name: {**{k: float(per[k][i]) for k in PER_CLASS_METRICS}, "n": int(support[i])}
+                      for i, name in enumerate(names)},
+    }
+
+
+def metrics_for(probs: np.ndarray, labels: np.ndarray, positive: int = 0, classes=None) -> dict:
+    """``binary_metrics`` (today's numbers, positive class ``positive``) for two classes, otherwise
+    ``multiclass_metrics``: the one call for per-epoch validation whatever the number of classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 2 and probs.shape[1] == 2:
+        return binary_metrics(probs, labels, positive)
+    return multiclass_metrics(probs, labels, classes)
+
+
+def roc_per_class(probs: np.ndarray, labels: np.ndarray, classes=None, max_points: int = 101) -> dict:
+    """{class name: ``roc_points`` of that class against the rest}. A class without both positive and negative
+    images has no ROC curve and is left out (``roc_curve`` would draw a meaningless flat line for it)."""
+    probs, labels, names = _checked(probs, labels, classes)
+    out = {}
+    for k, name in enumerate(names):
+        y = labels == k
+        if y.any() and (~y).any():
+            out[name] = roc_points(y, probs[:, k], max_points)
+    return out
+
+
+def _multiclass_resampled(probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, bins: int = 15) -> dict:
+    """Macro metrics (and ``class_auc`` (B, C)) of every row of ``idx`` at once: one bincount gives all the
+    confusion matrices, ``_auc_resampled`` each class's one-vs-rest AUC."""
+    c, b = probs.shape[1], len(idx)
+    pred = probs.argmax(axis=1)
+    keys = (labels * c + pred)[idx] + (np.arange(b) * c * c)[:, None]
+    per = _per_class_rates(np.bincount(keys.ravel(), minlength=b * c * c).reshape(b, c, c))
+    present = np.bincount(labels, minlength=c) > 0  # class-stratified resamples keep every class's count
+    per["auc"] = np.stack([_auc_resampled(labels == k, probs[:, k], idx) if present[k] else np.full(b, np.nan)
+                           for k in range(c)], axis=1)
+    out = _macro(per, present)
+    out["ece"] = _ece_resampled(probs.max(axis=1), (pred == labels).astype(np.float64), idx, bins)
+    out["class_auc"] = per["auc"]
+    return out
+
+
+def _multiclass_split_report(probs, labels, n_boot: int, seed: int, classes, alpha: float = 0.05) -> dict:
+    """``split_report`` for C > 2: ``multiclass_metrics`` + ``threshold`` None (the decision is the argmax) +
+    ``ci`` for the macro metrics and ``per_class[name]["ci"]["auc"]``, from one class-stratified bootstrap."""
+    probs, labels, names = _checked(probs, labels, classes)
+    out = {**multiclass_metrics(probs, labels, names), "threshold": None}
+    if n_boot and len(labels):
+        boot = _multiclass_resampled(probs, labels, bootstrap_indices(labels, n_boot, seed, by_class=True))
+        out["ci"] = {k: list(_nan_percentiles(boot[k], alpha)) for k in CI_KEYS}
+        for k, name in enumerate(names):
+            out["per_class"][name]["ci"] = {"auc": list(_nan_percentiles(boot["class_auc"][:, k], alpha))}
+    return out
+
+
 def split_report(probs: np.ndarray, labels: np.ndarray, positive: int = 0, threshold: float | None = None,
-                 n_boot: int = 2000, seed: int = 0) -> dict:
+                 n_boot: int = 2000, seed: int = 0, classes=None) -> dict:
     """Everything we report for one split, at the model's operating point, with 95 % bootstrap intervals.
 
     ``probs``: (N, C) calibrated class probabilities; ``labels``: integer classes; ``threshold``: the
     decision threshold on P(positive) (None = the most probable class, i.e. 0.5 for two classes).
     Keys as ``binary_metrics`` plus ``threshold`` and ``ci`` = {metric: [low, high]} for AUC, sensitivity,
     specificity, F1 and ECE (stratified percentile bootstrap, ``n_boot`` resamples, seeded).
+    More than two classes: keys as ``multiclass_metrics`` (named by ``classes``) plus ``threshold`` None — a
+    threshold on one class's probability has no meaning there, so ``positive`` and ``threshold`` are ignored —
+    and ``ci`` for the macro AUC, sensitivity, specificity, F1 and ECE, and ``per_class[name]["ci"]["auc"]``
+    (bootstrap stratified by class).
     """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.ndim == 2 and probs.shape[1] > 2:
+        return _multiclass_split_report(probs, labels, n_boot, seed, classes)
     if threshold is None or probs.shape[1] != 2:
         out = {**binary_metrics(probs, labels, positive), "threshold": 0.5}
     else:

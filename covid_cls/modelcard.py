@@ -26,8 +26,8 @@ METRICS = (("auc", "roc_auc", "ROC AUC"), ("sensitivity", "sensitivity", "Sensit
            ("specificity", "specificity", "Specificity"), ("f1", "f1", "F1"), ("accuracy", "accuracy", "Accuracy"),
            ("ece", "ece", "ECE (after temperature scaling)"))
 SPLITS = (("test", "test"), ("validation", "validation"))
-LEVEL_TEXT = {
-    "fc": "only the new head (`in_features → 4300 → 2`) was trained; the backbone stayed frozen",
+LEVEL_TEXT = {   # formatted with the card's head: hidden units and number of classes
+    "fc": "only the new head (`in_features → {hidden} → {num_classes}`) was trained; the backbone stayed frozen",
     "partial": "the last block of the backbone (ResNet18 `layer4`, VGG16 `features[24:]` + `classifier`) and the "
                "new head were trained; the rest stayed frozen",
     "full": "every layer was trained",
@@ -35,6 +35,8 @@ LEVEL_TEXT = {
 RESEARCH_ONLY = ("**Research and teaching only — not a diagnosis.** This model must not be used to diagnose, "
                  "triage or treat anyone, nor to support any claim of clinical performance.")
 
+# The 2020 task's classes: the wording of that task (and what is known about its data sets) applies to them only.
+TASK_CLASSES = ["infected", "normal"]
 # What is known about the data sets this project is used with; matched by the data folder's name.
 CONFOUNDS = {
     "cxr-real": (
@@ -61,6 +63,20 @@ GENERIC_CONFOUND = (
     "before believing any number here.")
 
 
+def task_name(card: Card) -> str:
+    """The model-index task: "Chest X-ray: infected vs normal", or the card's own classes in their order."""
+    return "Chest X-ray: " + " vs ".join(card.classes)
+
+
+def confound_text(card: Card) -> str:
+    """What is known about the training data: a known folder's notes when they describe this model's classes
+    (the cxr-real notes speak of its infected / normal classes), else the generic warning."""
+    data = dataset_id(card)
+    if data == "cxr-real" and list(card.classes) != TASK_CLASSES:
+        return GENERIC_CONFOUND
+    return CONFOUNDS.get(data, GENERIC_CONFOUND)
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
@@ -85,6 +101,7 @@ def eval_results(card: Card, repo_name: str | None = None):
     from huggingface_hub import EvalResult
 
     data = dataset_id(card)
+    several = card.num_classes > 2   # AUC, sensitivity, specificity, F1: macro averages of one-vs-rest values
     out = []
     for split, split_name in SPLITS:
         m = card.split_metrics(split)
@@ -95,14 +112,18 @@ def eval_results(card: Card, repo_name: str | None = None):
                 continue
             ci = _ci(m, key)
             args: dict[str, Any] = {"threshold": _num(m.get("threshold")), "positive_class": card.positive}
+            if several:
+                args = {"threshold": None, "classes": list(card.classes)}
+                if key in ("auc", "sensitivity", "specificity", "f1"):
+                    args["average"] = "macro, one-vs-rest"
             if isinstance(n, int):
                 args["n_images"] = n
-            name = title
+            name = f"{title} (macro)" if several and "average" in args else title
             if ci:
                 args.update(ci_95=ci, ci_method="stratified percentile bootstrap, 2000 resamples")
                 name = f"{title} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
             out.append(EvalResult(
-                task_type=TASK, task_name="Chest X-ray: infected vs normal", dataset_type=data,
+                task_type=TASK, task_name=task_name(card), dataset_type=data,
                 dataset_name=f"{data} ({split_name} split)", dataset_split=split_name, metric_type=mtype,
                 metric_value=round(value, 6), metric_name=name, metric_args=args))
     return out
@@ -135,6 +156,24 @@ def _metric_rows(card: Card) -> str:
             v, ci = _num(m.get(key)), _ci(m, key)
             cells.append("–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
         rows.append(f"| {split} | {m.get('n', '?')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + _per_class_rows(card)
+
+
+def _per_class_rows(card: Card) -> str:
+    """For more than two classes: the test split's one-vs-rest numbers of each class ("" otherwise)."""
+    per_class = card.split_metrics("test").get("per_class") or {}
+    if card.num_classes <= 2 or not isinstance(per_class, dict) or not per_class:
+        return ""
+    rows = ["", "", "AUC, sensitivity, specificity and F1 above are macro averages over the classes. Each class "
+            "against the rest (test split):", "", "| class | n | AUC | sensitivity | specificity | F1 |",
+            "|---|---|---|---|---|---|"]
+    for name, pc in per_class.items():
+        pc = pc if isinstance(pc, dict) else {}
+        cells = []
+        for key in ("auc", "sensitivity", "specificity", "f1"):
+            v, ci = _num(pc.get(key)), _ci(pc, key)
+            cells.append("–" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+        rows.append(f"| {name} | {pc.get('n', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -153,6 +192,19 @@ def _weights_text(card: Card) -> str:
     return f"Weights origin: {card.weights_origin}" + (f" ({card.weights_note})" if card.weights_note else "")
 
 
+def _rule_and_task(card: Card) -> tuple[str, str]:
+    """The decision rule's wording and the lab's question, for this card's classes (the 2020 wording for
+    infected / normal)."""
+    thr = f"P({card.positive}) ≥ {card.threshold:.3f}" if card.threshold is not None else "the most probable class"
+    if card.num_classes > 2:   # no positive class to threshold: the answer is the most probable class
+        rule = f"the answer is the most probable of the {card.num_classes} classes"
+    else:
+        rule = f"called `{card.positive}` when\n  {thr} (threshold chosen on validation)"
+    task = ("tell infected from normal chest X-rays" if list(card.classes) == TASK_CLASSES
+            else f"tell {_names(card.classes)} chest X-rays apart")
+    return rule, task
+
+
 def render(card: Card, repo_id: str) -> str:
     """The full model card: YAML metadata between ``---`` lines, then the text.
 
@@ -165,7 +217,7 @@ def render(card: Card, repo_id: str) -> str:
     count_txt = "; ".join(f"{s}: " + ", ".join(f"{c} {k}" for k, c in v.items())
                           for s, v in counts.items() if isinstance(v, dict)) or "not recorded"
     dup = card.data.get("near_duplicates") or []
-    thr = f"P({card.positive}) ≥ {card.threshold:.3f}" if card.threshold is not None else "the most probable class"
+    rule, task = _rule_and_task(card)
     cfg = card.config
     recipe = ", ".join(f"{k} {cfg[k]}" for k in ("optimizer", "lr", "epochs", "batch_size", "schedule", "loss",
                                                   "image_size", "augment", "seed") if k in cfg)
@@ -178,7 +230,7 @@ def render(card: Card, repo_id: str) -> str:
 
 A chest X-ray classifier (`{"` / `".join(card.classes)}`) fine-tuned with
 covid_cls — a lab for one question: how much of a pretrained CNN must be fine-tuned to
-tell infected from normal chest X-rays, and what does the model look at (every prediction comes with a
+{task}, and what does the model look at (every prediction comes with a
 Grad-CAM map and an out-of-distribution check that abstains: "uncertain — outside what this model was trained on").
 
 ## Intended use
@@ -194,18 +246,18 @@ Grad-CAM map and an out-of-distribution check that abstains: "uncertain — outs
 Data folder: `{data}` ({count_txt}; {card.data.get('skipped', 0)} unreadable file(s) skipped;
 {len(dup)} near-duplicate pair(s) across splits found at training time).
 
-{CONFOUNDS.get(data, GENERIC_CONFOUND)}
+{confound_text(card)}
 
 ## Model
 
 - **Architecture:** {ARCHS[card.arch].title} with a new head `in_features → {card.hidden} → {card.num_classes}` (ReLU,
   dropout {card.dropout}).
-- **Fine-tuning level `{card.level}`:** {LEVEL_TEXT.get(card.level, card.level)}.
+- **Fine-tuning level `{card.level}`:** {LEVEL_TEXT.get(card.level, card.level).format(
+    hidden=card.hidden, num_classes=card.num_classes)}.
 - **Weights origin:** {_weights_text(card)}
 - **Training:** {recipe or "see card.json"}; best epoch {card.best_epoch}; {card.device or "?"}, {card.precision};
   {card.train_seconds:.0f} s.
-- **Decision rule:** calibrated probabilities (temperature {card.temperature:.3f}); called `{card.positive}` when
-  {thr} (threshold chosen on validation).{calibration}
+- **Decision rule:** calibrated probabilities (temperature {card.temperature:.3f}); {rule}.{calibration}
 
 ## Evaluation (measured at training time)
 
@@ -244,4 +296,10 @@ ImageNet, from torchvision's ImageNet weights and their terms.
     return f"---\n{metadata(card, repo_id).to_yaml()}\n---\n{body}"
 
 
-__all__ = ["render", "metadata", "eval_results", "dataset_id", "LIBRARY_NAME", "RESEARCH_ONLY"]
+def _names(classes) -> str:
+    """`a`, `b` and `c`."""
+    quoted = [f"`{c}`" for c in classes]
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]}"
+
+
+__all__ = ["render", "metadata", "eval_results", "dataset_id", "task_name", "LIBRARY_NAME", "RESEARCH_ONLY"]

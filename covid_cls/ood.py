@@ -41,18 +41,24 @@ def pooled_features(model: nn.Module, x: torch.Tensor, head_input: bool = False)
     return out, grabbed[0]
 
 
-def layout_features(u8: torch.Tensor) -> torch.Tensor:
+def layout_features(u8: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """(N,1,S,S) uint8 squares -> (N, 80): an 8x8 thumbnail and a 16-bin intensity histogram.
 
     A second, model-independent view for the OOD check: chest X-rays share a layout (bright mediastinum
     and body, two darker lung fields, dark surroundings) and an intensity profile that photos, pages of
     text or noise do not. It matters most when the backbone was trained from scratch, whose features
     say little about "X-ray-ness".
+
+    Computed ``chunk`` images at a time: a whole training split as float would be 4x its uint8 size (and the
+    split may be a memory-mapped cache larger than RAM).
     """
-    x = u8.float().div(255.0)
-    thumb = torch.nn.functional.adaptive_avg_pool2d(x, LAYOUT_GRID).flatten(1)
-    hist = torch.stack([torch.histc(row, bins=16, min=0.0, max=1.0) for row in x.flatten(1)]) / x[0].numel()
-    return torch.cat([thumb, hist], dim=1).cpu()
+    parts = []
+    for i in range(0, len(u8), chunk):
+        x = u8[i:i + chunk].float().div(255.0)
+        thumb = torch.nn.functional.adaptive_avg_pool2d(x, LAYOUT_GRID).flatten(1)
+        hist = torch.stack([torch.histc(row, bins=16, min=0.0, max=1.0) for row in x.flatten(1)]) / x[0].numel()
+        parts.append(torch.cat([thumb, hist], dim=1).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, LAYOUT_GRID**2 + 16)
 
 
 def fit_stats(train: torch.Tensor, labels: torch.Tensor, val: torch.Tensor,

@@ -39,33 +39,59 @@ def curves(history: Sequence[dict[str, Any]], steps: Sequence[tuple[float, float
     return fig
 
 
-def confusion(cm: Sequence[Sequence[int]], title: str = "confusion matrix") -> plt.Figure:
-    """``cm`` rows = true (infected, normal), columns = predicted, as metrics.binary_metrics gives it."""
+def confusion(cm: Sequence[Sequence[int]], title: str = "confusion matrix",
+              classes: Sequence[str] | None = None) -> plt.Figure:
+    """``cm`` rows = true class, columns = predicted, as ``metrics.binary_metrics`` / ``multiclass_metrics`` give
+    it; ``classes`` names them in that order. Without names a 2 x 2 matrix is the binary one (infected, normal)
+    and a larger one is numbered. Figure, font and labels scale so that 20 classes stay readable."""
     cm = np.asarray(cm)
-    names = [POSITIVE] + [c for c in CLASSES if c != POSITIVE]
-    fig, ax = plt.subplots(figsize=(3.6, 3.2), constrained_layout=True)
+    c = cm.shape[0]
+    if classes is None:
+        classes = [POSITIVE] + [k for k in CLASSES if k != POSITIVE] if c == 2 else [str(i) for i in range(c)]
+    if len(classes) != c or cm.shape != (c, c):
+        raise ValueError(f"confusion matrix {cm.shape} needs {c} x {c} cells and {c} class names, got {len(classes)}")
+    side = max(3.6, 0.42 * c + 1.6)  # ~0.4 inch per cell: room for a 3-4 digit count at the font below
+    fig, ax = plt.subplots(figsize=(side, 3.2 if c <= 3 else side * 0.9), constrained_layout=True)
     ax.imshow(cm, cmap="Blues")
-    for i in range(2):
-        for j in range(2):
+    font = 12 if c <= 3 else max(6.0, 13.0 - 0.4 * c)
+    for i in range(c):
+        for j in range(c):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=12)
-    ax.set_xticks([0, 1], names)
-    ax.set_yticks([0, 1], names)
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=font)
+    ax.set_xticks(range(c), classes, fontsize=min(10, font))
+    ax.set_yticks(range(c), classes, fontsize=min(10, font))
+    if c > 2:  # more names than fit side by side under the columns
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     ax.set(xlabel="predicted", ylabel="true", title=title)
     return fig
 
 
 def roc(curves_by_name: dict[str, tuple[Sequence[float], Sequence[float], float | None]],
         title: str = "ROC (positive: infected)") -> plt.Figure:
-    """``curves_by_name``: name -> (false positive rates, true positive rates, AUC)."""
-    fig, ax = plt.subplots(figsize=(3.8, 3.4), constrained_layout=True)
-    for name, (fpr, tpr, auc) in curves_by_name.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+    """``curves_by_name``: name -> (false positive rates, true positive rates, AUC); pass ``title`` for anything
+    but the binary task's curves (:func:`roc_one_vs_rest` does)."""
+    many = len(curves_by_name) > 6  # per-class curves: a wider figure, the legend beside the axes
+    fig, ax = plt.subplots(figsize=(6.4, 3.8) if many else (3.8, 3.4), constrained_layout=True)
+    for i, (name, (fpr, tpr, auc)) in enumerate(curves_by_name.items()):
+        # the colour cycle has 10 colours: curves 11-20 (up to 20 classes) repeat them, dashed
+        ax.plot(fpr, tpr, "-" if i < 10 else "--", label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
     ax.plot([0, 1], [0, 1], ":", color="0.6")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=8, loc="lower right")
+    if many:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + len(curves_by_name) // 14)
+    else:
+        ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return fig
+
+
+def roc_one_vs_rest(roc_per_class: dict[str, dict[str, Sequence[float]]], per_class: dict[str, dict] | None = None,
+                    title: str = "ROC, each class vs the rest") -> plt.Figure:
+    """One curve per class from ``metrics.roc_per_class`` ({name: {"fpr", "tpr"}}), each labelled with its AUC
+    from ``per_class`` (a metrics dict's ``per_class``) when given."""
+    per_class = per_class or {}
+    return roc({name: (pts["fpr"], pts["tpr"], (per_class.get(name) or {}).get("auc"))
+                for name, pts in roc_per_class.items()}, title=title)
 
 
 def risk_coverage(curve: dict[str, Sequence[float]], aurc: float | None = None,

@@ -27,6 +27,7 @@ from .checkpoints import (
 )
 from .data import eval_batch, to_square_u8
 from .errors import (
+    ConfigError,
     ImageError,
     NoCheckpointError,  # noqa: F401 - re-exported
 )
@@ -45,7 +46,7 @@ class Prediction:
 
     label: str
     probs: dict[str, float]
-    cam: np.ndarray                 # float32, H x W of the input image, in [0, 1]
+    cam: np.ndarray                 # float32, H x W of the input image, in [0, 1]; explains ``explained``
     overlay: Image.Image            # RGB heatmap over the image (longest side <= 1024)
     device: str
     latency_ms: float
@@ -57,6 +58,7 @@ class Prediction:
     decision: str = ""
     abstain: bool = False
     reasons: list[str] = field(default_factory=list)
+    explained: str = ""             # the class the Grad-CAM map explains (the most probable one unless asked)
 
 
 @dataclass
@@ -194,26 +196,33 @@ class Predictor:
                 del self._cache[key]
 
     def predict(self, image, arch: str = "resnet18", level: str = "fc",
-                checkpoint: str | os.PathLike | None = None, alpha: float = 0.45) -> Prediction:
-        """``image``: a path, bytes, PIL image or array (anything ``load_image`` takes).
+                checkpoint: str | os.PathLike | None = None, alpha: float = 0.45,
+                explain_class: str | None = None) -> Prediction:
+        """``image``: a path, bytes, PIL image or array (anything ``load_image`` takes). The Grad-CAM map
+        explains ``explain_class`` (one of the model's classes) or, by default, the most probable class;
+        ``Prediction.explained`` names it.
 
-        Raises ImageError for a bad file and NoCheckpointError when no model exists.
+        Raises ImageError for a bad file, NoCheckpointError when no model exists and ConfigError (listing the
+        model's classes) for a class the model does not know.
         """
         paths = self.candidates(arch, level, checkpoint)
         img = load_image_bounded(image)   # in a worker with CPU/memory/time limits
         path, loaded = self._load_first_valid(paths, explicit=bool(checkpoint))
-        return self._run(loaded, path, [img], alpha)[0]
+        return self._run(loaded, path, [img], alpha, class_index(loaded.card, explain_class))[0]
 
     def predict_batch(self, images: Sequence, arch: str = "resnet18", level: str = "fc",
                       checkpoint: str | os.PathLike | None = None, alpha: float = 0.45, batch_size: int = 16,
-                      on_progress: Callable[[int, int], None] | None = None) -> list[Prediction | ImageError]:
+                      on_progress: Callable[[int, int], None] | None = None,
+                      explain_class: str | None = None) -> list[Prediction | ImageError]:
         """Many images with one model: one forward + Grad-CAM backward per ``batch_size`` images.
 
         A file that cannot be decoded gives its ``ImageError`` in its place in the result, never failing the
-        batch. ``on_progress(done, total)`` is called after each batch.
+        batch. ``on_progress(done, total)`` is called after each batch. ``explain_class`` as for ``predict``
+        (checked before any file is decoded).
         """
         paths = self.candidates(arch, level, checkpoint)
         path, loaded = self._load_first_valid(paths, explicit=bool(checkpoint))
+        target = class_index(loaded.card, explain_class)
         out: list[Prediction | ImageError | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
             decoded = []
@@ -223,19 +232,21 @@ class Predictor:
                 except ImageError as exc:
                     out[i] = exc
             if decoded:
-                for (i, _), pred in zip(decoded, self._run(loaded, path, [im for _, im in decoded], alpha)):
+                for (i, _), pred in zip(decoded, self._run(loaded, path, [im for _, im in decoded], alpha, target)):
                     out[i] = pred
             if on_progress is not None:
                 on_progress(min(start + batch_size, len(images)), len(images))
         return out
 
-    def _run(self, loaded: _Loaded, path: Path, imgs: list[Image.Image], alpha: float) -> list[Prediction]:
-        """The model part for decoded images: one batched forward + backward, then per-image results."""
+    def _run(self, loaded: _Loaded, path: Path, imgs: list[Image.Image], alpha: float,
+             target: int | None = None) -> list[Prediction]:
+        """The model part for decoded images: one batched forward + backward, then per-image results. The maps
+        explain class ``target`` (an index), or each image's most probable class when None."""
         card = loaded.card
         t0 = time.perf_counter()
         u8 = torch.stack([torch.from_numpy(to_square_u8(img, card.cache_size))[None] for img in imgs])
         x = self.runtime.input(eval_batch(u8.to(self.device), card.image_size))
-        logits, cams, pooled = loaded.explainer(x, return_pooled=True)
+        logits, cams, pooled = loaded.explainer(x, target_class=target, return_pooled=True)
         cams = cams[None] if cams.ndim == 2 else cams
         layout = layout_features(u8)
         per_image_ms = (time.perf_counter() - t0) * 1000 / len(imgs)
@@ -247,6 +258,8 @@ class Predictor:
             ood = assess(img, pooled[k:k + 1], layout[k:k + 1], loaded.ood_stats)
             reasons = list(ood["reasons"]) + _set_reasons(card, p)
             decision = card.label_for(p)
+            # the explainer's own default is the arg-max of the logits (not the thresholded decision)
+            explained = card.classes[int(logits[k].argmax()) if target is None else target]
             results.append(Prediction(
                 label=UNCERTAIN if reasons else decision, decision=decision, abstain=bool(reasons), reasons=reasons,
                 probs=dict(zip(card.classes, p)), cam=cam_full,
@@ -254,8 +267,20 @@ class Predictor:
                 # size (up to its max_side of 1024 px; larger images are shown downscaled, from the small map)
                 overlay=overlay(img, cam_full if max(img.size) <= 1024 else cams[k], alpha),
                 device=_device_name(self.device), latency_ms=per_image_ms + (time.perf_counter() - t1) * 1000,
-                checkpoint=str(path), card=card, image=img, ood=ood))
+                checkpoint=str(path), card=card, image=img, ood=ood, explained=explained))
         return results
+
+
+def class_index(card: Card, name: str | None) -> int | None:
+    """The index of class ``name`` in the model's classes (None for None or "": the predicted class). A name the
+    model does not know is a ConfigError that lists the classes it does."""
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or name not in card.classes:
+        shown = repr(name)[:70]
+        raise ConfigError(f"this model has no class {shown}; it knows: {', '.join(card.classes)} "
+                          "(or leave the class empty to explain the predicted one)")
+    return card.classes.index(name)
 
 
 _SIZES: dict[tuple, int] = {}
@@ -308,7 +333,8 @@ def _set_reasons(card: Card, probs: list[float]) -> list[str]:
         return []
     kept = [c for c, inside in zip(card.classes, sets[0]) if inside]
     alpha = card.selective.get("conformal_alpha", 0.1)
-    what = "both classes remain plausible" if kept else "no class is plausible enough"
+    what = ("no class is plausible enough" if not kept else "both classes remain plausible" if card.num_classes == 2
+            else f"{len(kept)} classes remain plausible")
     return [f"{what} at {100 * (1 - alpha):.0f} % coverage (conformal set: {', '.join(kept) or 'empty'})"]
 
 

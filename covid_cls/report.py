@@ -40,14 +40,34 @@ def with_ci(m: dict | None, key: str, digits: int = 3) -> str:
     return f"{value} {ci}" if ci and value != "–" else value
 
 
+# with more than two classes these are unweighted means of the per-class (one-vs-rest) values; ECE and accuracy
+# are not averages, so they keep their plain names
+MACRO_KEYS = ("auc", "sensitivity", "specificity", "f1")
+
+
+def _label(m: dict, key: str, name: str) -> str:
+    return f"macro {name}" if m.get("per_class") and key in MACRO_KEYS else name
+
+
 def metrics_line(m: dict | None) -> str:
-    """One line: n, then every CI metric with its interval, then accuracy."""
+    """One line: n, then every CI metric with its interval, then accuracy ("macro AUC ..." etc. when ``m`` has
+    ``per_class``; :func:`per_class_lines` gives the classes' own numbers)."""
     m = m or {}
-    parts = [f"n={m.get('n', '–')}"] + [f"{name} {with_ci(m, key)}" for key, name in CI_METRICS]
+    parts = [f"n={m.get('n', '–')}"] + [f"{_label(m, key, name)} {with_ci(m, key)}" for key, name in CI_METRICS]
     return "  ".join(parts + [f"acc {num(m.get('accuracy'))}"])
 
 
-def threshold_text(threshold: float | None, positive: str = "infected") -> str:
+def per_class_lines(m: dict | None) -> list[str]:
+    """One line per class of a multi-class metrics dict, e.g. "covid: AUC 0.951 [0.912, 0.980]  sens 0.900
+    spec 0.970  n=40" (AUC, sensitivity, specificity one-vs-rest); [] for a binary one."""
+    return [f"{name}: AUC {with_ci(pc, 'auc')}  sens {num(pc.get('sensitivity'))}  "
+            f"spec {num(pc.get('specificity'))}  n={pc.get('n', '–')}"
+            for name, pc in ((m or {}).get("per_class") or {}).items()]
+
+
+def threshold_text(threshold: float | None, positive: str = "infected", n_classes: int = 2) -> str:
+    if n_classes > 2:  # no single positive class: the decision is always the most probable of the classes
+        return f"most probable of {n_classes} classes (argmax)"
     if threshold is None:
         return "most probable class (argmax, P = 0.5)"
     return f"P({positive}) >= {threshold:.3f} (chosen on validation)"
@@ -115,8 +135,8 @@ def comparison_line(res: dict, name_a: str = "A", name_b: str = "B") -> str:
             f"{verdict(res, name_a, name_b)}").replace("  ", " ")
 
 
-__all__ = ["CI_METRICS", "num", "interval", "with_ci", "metrics_line", "threshold_text", "pct", "selective_line",
-           "reasons_line", "duplicates_line", "signed", "p_text", "verdict", "comparison_line"]
+__all__ = ["CI_METRICS", "num", "interval", "with_ci", "metrics_line", "per_class_lines", "threshold_text", "pct",
+           "selective_line", "reasons_line", "duplicates_line", "signed", "p_text", "verdict", "comparison_line"]
 
 
 def leakage_text(found: dict | None, n_images: int = 0, limit: int = 0) -> str:
@@ -136,10 +156,20 @@ METRIC_HEADERS = ["split", "AUC [95% CI]", "sensitivity [95% CI]", "specificity 
 
 
 def metrics_rows(metrics: dict, splits: tuple[str, ...] = ("validation", "test")) -> list[list]:
-    """One row per split: each metric with its 95 % bootstrap interval ("0.903 [0.851, 0.947]")."""
+    """One row per split: each metric with its 95 % bootstrap interval ("0.903 [0.851, 0.947]").
+
+    A multi-class split (its metrics have ``per_class``) is labelled "<split> (macro)" and followed by one row
+    per class, "<split> · <class>": one-vs-rest AUC (with its interval when there is one), sensitivity,
+    specificity and F1, the class's image count, and "–" for ECE and accuracy (not per-class quantities).
+    """
     rows = []
     for split in splits:
         m = metrics.get(split) or {}
-        rows.append([split] + [with_ci(m, k) for k in ("auc", "sensitivity", "specificity", "f1", "ece")]
+        per_class = m.get("per_class") or {}
+        rows.append([f"{split} (macro)" if per_class else split]
+                    + [with_ci(m, k) for k in ("auc", "sensitivity", "specificity", "f1", "ece")]
                     + [num(m.get("accuracy")), m.get("n")])
+        rows += [[f"{split} · {name}", with_ci(pc, "auc"), num(pc.get("sensitivity")),
+                  num(pc.get("specificity")), num(pc.get("f1")), "–", "–", pc.get("n")]
+                 for name, pc in per_class.items()]
     return rows

@@ -73,11 +73,11 @@ def run_study(base: TrainConfig, archs: Sequence[str] = tuple(ARCHS), levels: Se
             "checkpoint": str(path), "history": val_hist,
         }
         if external:
-            row.update(_external_columns(path, external, cfg, stop))
+            row.update(_external_columns(path, external, cfg, stop, roots))
             emit(ev.Log(message=f"{name} on {external}: AUC {report.with_ci(row['ext'], 'auc')}, "
                                 f"{report.selective_line(row['ext'].get('selective'))}").tagged(i, len(combos), name))
         rows.append(row)
-    _compare_with_fc(rows, base, emit, stop)
+    _compare_with_fc(rows, base, emit, stop, roots)
     return rows
 
 
@@ -105,14 +105,14 @@ def _stopped(stop) -> bool:
     return stop is not None and stop.is_set()
 
 
-def _external_columns(path: Path, external: str | Path, cfg: TrainConfig, stop) -> dict[str, Any]:
+def _external_columns(path: Path, external: str | Path, cfg: TrainConfig, stop, roots=None) -> dict[str, Any]:
     """Evaluate one study model on the external folder (its test split, or the folder itself when flat)."""
     from .errors import TrainingStopped
     from .evaluation import evaluate_checkpoint
 
     if _stopped(stop):
         raise TrainingStopped("stopped on request")
-    r = evaluate_checkpoint(path, external, split="test", device=cfg.device)
+    r = evaluate_checkpoint(path, external, split="test", device=cfg.device, roots=roots)
     sel, ci = r.get("selective") or {}, (r.get("ci") or {}).get("auc") or [None, None]
     summary = {k: r.get(k) for k in ("n", "auc", "sensitivity", "specificity", "f1", "ci", "threshold")}
     summary["subsets"] = {k: {m: v.get(m) for m in ("n", "auc", "sensitivity", "specificity", "ci")}
@@ -124,7 +124,7 @@ def _external_columns(path: Path, external: str | Path, cfg: TrainConfig, stop) 
             "ext_wrong_flagged": sel.get("wrong_flagged"), "ext": summary}
 
 
-def _compare_with_fc(rows: list[dict[str, Any]], base: TrainConfig, emit, stop) -> None:
+def _compare_with_fc(rows: list[dict[str, Any]], base: TrainConfig, emit, stop, roots=None) -> None:
     """Paired test (DeLong, same test images) of every non-fc level against fc of the same arch; fills
     ``vs_fc`` / ``vs_fc_result`` of those rows. Skipped when fc was not part of the study."""
     from .evaluation import compare_checkpoints
@@ -134,7 +134,7 @@ def _compare_with_fc(rows: list[dict[str, Any]], base: TrainConfig, emit, stop) 
         ref = fc.get(r["arch"])
         if ref is None or r is ref or _stopped(stop):
             continue
-        res = compare_checkpoints(r["checkpoint"], ref["checkpoint"], base.data_dir, split="test",
+        res = compare_checkpoints(r["checkpoint"], ref["checkpoint"], base.data_dir, split="test", roots=roots,
                                   device=base.device)
         r["vs_fc"] = report.comparison_line(res, r["level"], "fc")
         r["vs_fc_result"] = {k: v for k, v in res.items() if k not in ("a", "b")}

@@ -45,20 +45,38 @@ def _lungs(size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[
     return img, fields
 
 
+# How each synthetic class looks (``pattern``): the number of opacities, their size (Gaussian sigma, fraction of
+# the image) and whether they sit in both lungs. "lesion" is the binary demo's infected class; the 3-class demo
+# (``make_demo_dataset(classes=THREE_CLASSES)``) tells one large unilateral opacity (a lobar pneumonia) from
+# several small ones in both lungs (the bilateral pattern of COVID-19): shape, not mere presence, separates them.
+PATTERNS: dict[str, tuple[int, tuple[float, float], bool]] = {
+    "lesion": (1, (0.08, 0.10), False),
+    "lobar": (1, (0.11, 0.13), False),
+    "bilateral": (4, (0.045, 0.055), True),
+}
+CLASS_PATTERNS = {"normal": None, "infected": "lesion", "pneumonia": "lobar", "covid": "bilateral"}
+THREE_CLASSES = ("covid", "normal", "pneumonia")
+
+
 def synthetic_xray(size: int = 256, infected: bool = False, seed: int = 0,
-                   n_lesions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One image (uint8, size x size) and its lesion mask (bool; all False when not infected)."""
+                   n_lesions: int | None = None, pattern: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image (uint8, size x size) and its lesion mask (bool; all False when not infected).
+
+    ``pattern`` (a key of PATTERNS) implies ``infected``; ``infected`` alone is the "lesion" pattern."""
     rng = np.random.default_rng(seed)
     img, fields = _lungs(size, rng)
     mask = np.zeros((size, size), bool)
-    if infected:
+    pattern = pattern or ("lesion" if infected else None)
+    if pattern:
+        count, (s_lo, s_hi), both = PATTERNS[pattern]
         yy, xx = np.mgrid[0:size, 0:size] / size
-        for _ in range(n_lesions or 1):
-            cx, cy, rx, ry = fields[int(rng.integers(0, 2))]
+        for k in range(n_lesions or count):
+            side = int(rng.integers(0, 2))   # drawn per opacity (the binary demo's images stay as they were)
+            cx, cy, rx, ry = fields[k % 2 if both else side]
             # a point well inside the lung field
             ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.35))
             lx, ly = cx + rad * rx * np.cos(ang), cy + rad * ry * np.sin(ang)
-            sigma = rng.uniform(0.08, 0.10)
+            sigma = rng.uniform(s_lo, s_hi)
             blob = np.exp(-((xx - lx) ** 2 + (yy - ly) ** 2) / (2 * sigma ** 2))
             img = img + rng.uniform(0.45, 0.6) * blob
             mask |= blob >= 0.25
@@ -67,12 +85,16 @@ def synthetic_xray(size: int = 256, infected: bool = False, seed: int = 0,
 
 
 def make_demo_dataset(directory: str | os.PathLike, n_per_class: int | dict[str, int] = 40, size: int = 256,
-                      seed: int = 0) -> Path:
-    """Write an ImageFolder tree (train/validation/test x infected/normal) of synthetic PNGs.
+                      seed: int = 0, classes: tuple[str, ...] = ("infected", "normal")) -> Path:
+    """Write an ImageFolder tree (train/validation/test x classes) of synthetic PNGs.
 
     ``n_per_class``: images per class in train; validation and test get half as many each (at least 4),
-    or a dict {split: n}. Masks go to ``masks/<split>/infected/<name>.png``. Returns the folder.
+    or a dict {split: n}. ``classes``: names from CLASS_PATTERNS (e.g. THREE_CLASSES). Masks go to
+    ``masks/<split>/<class>/<name>.png`` for every class with opacities. Returns the folder.
     """
+    unknown = [c for c in classes if c not in CLASS_PATTERNS]
+    if unknown:
+        raise ValueError(f"no synthetic pattern for class(es) {unknown}; choose from {sorted(CLASS_PATTERNS)}")
     root = Path(directory)
     if isinstance(n_per_class, int):
         counts = {"train": n_per_class, "validation": max(4, n_per_class // 2), "test": max(4, n_per_class // 2)}
@@ -80,15 +102,15 @@ def make_demo_dataset(directory: str | os.PathLike, n_per_class: int | dict[str,
         counts = dict(n_per_class)
     k = 0
     for s_idx, (split, n) in enumerate(counts.items()):
-        for cls in ("infected", "normal"):
+        for cls in classes:
             out = root / split / cls
             out.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 k += 1
-                img, mask = synthetic_xray(size, infected=(cls == "infected"), seed=seed * 1_000_003 + k)
+                img, mask = synthetic_xray(size, pattern=CLASS_PATTERNS[cls], seed=seed * 1_000_003 + k)
                 name = f"{split}-{cls}-{i:04d}.png"
                 Image.fromarray(img).save(out / name)
-                if cls == "infected":
+                if CLASS_PATTERNS[cls]:
                     mdir = root / "masks" / split / cls
                     mdir.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(mask.astype(np.uint8) * 255).save(mdir / name)

@@ -52,3 +52,20 @@ def fc_checkpoint(demo_data, tmp_path_factory) -> Path:
     from covid_cls import fit
 
     return fit(small_config(demo_data, tmp_path_factory.mktemp("ckpt"), epochs=4))
+
+
+@pytest.fixture(scope="session")
+def three_class_data(tmp_path_factory) -> Path:
+    """A synthetic 3-class set (covid: small bilateral opacities, normal, pneumonia: one large opacity), 96 px."""
+    from covid_cls.synthetic import THREE_CLASSES, make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("three") / "data", n_per_class=24, size=96, seed=3,
+                             classes=THREE_CLASSES)
+
+
+@pytest.fixture(scope="session")
+def three_class_checkpoint(three_class_data, tmp_path_factory) -> Path:
+    """A ResNet18 · fc model trained on the 3-class set (seconds on a CPU)."""
+    from covid_cls import fit
+
+    return fit(small_config(three_class_data, tmp_path_factory.mktemp("ckpt3"), epochs=20))

@@ -372,3 +372,10 @@ def call_raw(api_base: str, api: str, data: list) -> tuple[str, object]:
                 payload = json.loads(line.split(":", 1)[1].strip() or "null")
                 break
     return kind, payload
+
+
+def make_services(tmp_path: Path, **settings):
+    """The app's Services over checkpoints/ and runs/ in ``tmp_path`` (no server), with other Settings fields."""
+    from covid_cls.ui import Services, Settings
+
+    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", **settings))

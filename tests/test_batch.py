@@ -133,11 +133,14 @@ def test_a_zip_that_escapes_is_refused_before_anything_is_written(svc, tmp_path)
     assert not (tmp_path.parent / "escaped.png").exists()
 
 
-def test_without_a_model_or_files_the_batch_says_so(svc, tmp_path):
+def test_without_a_model_or_files_the_batch_says_so(svc, tmp_path, monkeypatch):
+    """An API client gets the error (in the browser it is a hint: test_ui_handlers)."""
     from gradio import Error
 
+    from covid_cls.ui import common
     from covid_cls.ui.batch import predict_batch
 
+    monkeypatch.setattr(common, "is_api_call", lambda: True)
     p = tmp_path / "a.png"
     p.write_bytes(_png(1))
     with pytest.raises(Error, match="No trained model for VGG16 · full"):

@@ -33,7 +33,11 @@ def test_scan_accepts_val_alias(tiny):
 @pytest.mark.parametrize("breakage,message", [
     (lambda r: shutil.rmtree(r / "test"), "missing split folder 'test/'"),
     (lambda r: shutil.rmtree(r / "train" / "normal"), "train/ lacks class folder(s) normal"),
-    (lambda r: (r / "validation" / "covid").mkdir(), "unexpected folder(s) covid"),
+    # a folder in one split is a class the others lack (classes come from the folders: issue 13 #4)
+    (lambda r: (r / "validation" / "covid").mkdir(), "train/ lacks class folder(s) covid"),
+    (lambda r: (r / "validation" / "covid").mkdir(), "validation/covid/ contains no images"),
+    (lambda r: shutil.rmtree(r / "train" / "normal") or shutil.rmtree(r / "validation" / "normal")
+     or shutil.rmtree(r / "test" / "normal"), "has 1 class folder(s) (infected); a dataset needs 2 to 20"),
     (lambda r: [p.unlink() for p in (r / "test" / "infected").iterdir()], "test/infected/ contains no images"),
 ])
 def test_scan_errors_are_clear(tiny, breakage, message):
@@ -41,6 +45,28 @@ def test_scan_errors_are_clear(tiny, breakage, message):
     with pytest.raises(DatasetError) as exc:
         scan_dataset(tiny)
     assert message in str(exc.value)
+
+
+def test_scan_takes_the_classes_from_the_folders(tiny):
+    """Three classes from the folders, in ImageFolder (alphabetical) order; a model's classes can be required."""
+    for split in ("train", "validation", "test"):
+        shutil.copytree(tiny / split / "normal", tiny / split / "covid")
+    info = scan_dataset(tiny)
+    assert info.classes == ("covid", "infected", "normal")
+    assert info.counts()["train"] == {"covid": 4, "infected": 4, "normal": 4}
+    assert info.positive == "infected"
+    assert set(info.splits["test"].labels) == {0, 1, 2}
+    with pytest.raises(DatasetError, match="unexpected folder"):
+        scan_dataset(tiny, classes=("infected", "normal"))
+
+
+def test_positive_class_rule():
+    from covid_cls.data import positive_class
+
+    assert positive_class(("infected", "normal")) == "infected"
+    assert positive_class(("normal", "pneumonia")) == "pneumonia"
+    assert positive_class(("cat", "dog")) == "cat"
+    assert positive_class(("covid", "normal", "pneumonia")) == "covid"
 
 
 def test_scan_lists_all_problems_at_once(tiny):

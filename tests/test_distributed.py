@@ -258,3 +258,37 @@ def test_study_on_two_cpu_processes_matches_the_sequential_study(odd_data, tmp_p
     assert [{k: r[k] for k in keys} for r in par] == [{k: r[k] for k in keys} for r in seq]
     assert {e.name for e in events if e.type == "run"} == {"resnet18·fc", "resnet18·partial"}
     assert sum(e.type == "done" for e in events) == 2
+
+
+@pytest.mark.slow   # ~20 s: the app's training worker plus two device processes
+def test_the_study_tab_runs_its_study_over_devices_in_the_training_worker(odd_data, tmp_path):
+    """The Study tab's path (issue 13 #2): the app's daemonic training worker starts one process per device,
+    the interleaved events keep a curve per run, and the job ends with both rows."""
+    from covid_cls.ui import Services, Settings
+    from covid_cls.ui.study import study_endpoint
+
+    svc = Services(Settings(checkpoints=tmp_path / "ck", runs=tmp_path / "runs", roots_env=str(odd_data.parent),
+                            study_devices_env="cpu,cpu"))
+    *_, last = study_endpoint(svc, "server folder", str(odd_data), None, ["resnet18"], ["fc", "partial"],
+                              1, 1e-3, "adam", "none", 64)
+    progress, fig, table, log = last
+    assert "study finished: 2 runs" in log and "2 runs on 2 device(s) in parallel: cpu, cpu" in log
+    assert [row[:2] for row in table["data"]] == [["resnet18", "fc"], ["resnet18", "partial"]]
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"resnet18·fc", "resnet18·partial"}
+    assert len(list((tmp_path / "ck").glob("*.safetensors"))) == 2
+
+
+def test_a_device_worker_stops_when_its_parent_is_gone(monkeypatch):
+    """A killed training worker leaves its device processes orphaned: they see it and stop at the next step."""
+    import threading as th
+
+    from covid_cls.distributed import _HaltOrOrphaned
+
+    halt = th.Event()
+    flag = _HaltOrOrphaned(halt)
+    assert not flag.is_set()
+    monkeypatch.setattr(os, "getppid", lambda: flag.parent + 1)   # re-parented (to init or a subreaper)
+    assert flag.is_set()
+    monkeypatch.undo()
+    halt.set()
+    assert flag.is_set()

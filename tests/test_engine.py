@@ -59,7 +59,7 @@ def test_stop_ends_the_run_and_saves_nothing(demo_data, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error(demo_data, tmp_path, monkeypatch):
-    def nan_loss(cfg, labels, device):
+    def nan_loss(cfg, labels, device, *_):
         return lambda logits, y: (logits.sum() * float("nan"))
 
     monkeypatch.setattr("covid_cls.engine.make_loss", nan_loss)

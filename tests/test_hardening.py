@@ -130,6 +130,20 @@ def test_training_with_roots_refuses_a_class_folder_that_leads_out(tree, tmp_pat
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_evaluate_and_compare_in_the_app_never_read_a_symlink_that_leads_out(tree, svc, fc_checkpoint):
+    """The Models tab's /evaluate and the Compare tab check every file against the data roots when it is
+    opened, as training does: a test image inside the root that is a symlink to a file outside is not read."""
+    from covid_cls.ui.compare import compare_models
+    from covid_cls.ui.evaluate import evaluate
+
+    (tree.data / "test" / "normal" / "evil.png").symlink_to(tree.outside / "normal" / "secret-0.png")
+    name = copy_checkpoint(fc_checkpoint, svc.settings.checkpoints).name
+    table = evaluate(svc, name, "server folder", str(tree.data), None, "test")[0]
+    assert table[0][-1] == 6   # n: the six test images inside, not the seventh that leads out
+    r = compare_models(svc, name, name, "server folder", str(tree.data), None, "test")
+    assert "on 6 images" in r[1]
+
+
 @pytest.mark.slow
 def test_the_card_records_the_resolved_root_and_what_was_read(tree, tmp_path):
     from covid_cls import fit
@@ -280,9 +294,9 @@ def test_a_zip_that_the_scan_refuses_after_extraction_leaves_nothing(svc, demo_d
 
     z = tmp_path / "extra-class.zip"
     z.write_bytes(_zip([*_dataset_entries(demo_data), ("mydata/train/covid/x.png", _png())]))
-    with pytest.raises(DatasetError, match="unexpected folder"):
+    with pytest.raises(DatasetError, match="lacks class folder covid"):   # a class in one split only (issue 13)
         svc.unpack_zip(str(z))
-    assert list(svc.settings.uploads.iterdir()) == []
+    assert not svc.settings.uploads.exists() or list(svc.settings.uploads.iterdir()) == []
     ok = tmp_path / "ok.zip"
     ok.write_bytes(_zip(_dataset_entries(demo_data)))
     root = svc.unpack_zip(str(ok))

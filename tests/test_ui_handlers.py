@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import copy_checkpoint, flat_labelled_folder
+from helpers import copy_checkpoint, flat_labelled_folder, make_services
 
 gr = pytest.importorskip("gradio")
 
 
 @pytest.fixture
 def svc(tmp_path):
-    from covid_cls.ui import Services, Settings
-
-    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True))
+    return make_services(tmp_path, training=True)
 
 
 @pytest.fixture
@@ -425,3 +424,87 @@ def test_scan_reports_near_duplicates_across_splits(svc, tmp_path):
     (root / "test" / "infected" / "copy.jpg").write_bytes(buf.getvalue())
     md, _, _ = scan(svc, "server folder", str(root), None)
     assert "near-duplicate pair" in md and "copy.jpg" in md and src.name in md
+
+
+def test_the_study_tab_spreads_its_runs_over_the_servers_devices(svc, monkeypatch):
+    """Issue 13 #2: with several devices (COVID_CLS_STUDY_DEVICES, or every GPU when there are several) the
+    Study tab's job carries them to the worker, which runs one process per device; "none" keeps one worker."""
+    from covid_cls.config import TrainConfig
+    from covid_cls.ui.study import study
+    from covid_cls.ui.train import DataSource
+
+    started = []
+
+    def fake_start(cfg, kind="train", extra=None):
+        started.append((kind, dict(extra or {})))
+        raise RuntimeError("not started in this test")
+
+    monkeypatch.setattr(svc, "start_run", fake_start)
+    for env, want in (("cpu,cpu", "cpu,cpu"), ("none", None)):
+        svc.settings.study_devices_env = env
+        with pytest.raises(RuntimeError, match="not started"):
+            list(study(svc, DataSource("synthetic demo set", "", None), ["resnet18"], ["fc"], TrainConfig()))
+        assert started[-1][0] == "study" and started[-1][1].get("devices") == want
+    svc.settings.study_devices_env = "7"   # a GPU this machine does not have: said, not crashed
+    with pytest.raises(Exception, match="CUDA GPU"):
+        svc.settings.study_devices()
+
+
+def test_the_worker_passes_the_study_devices_on(monkeypatch, tmp_path):
+    from covid_cls import jobs_worker, study
+
+    seen = {}
+
+    def fake_run_study(config, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    monkeypatch.setattr(study, "write_outputs", lambda rows, out: {})
+    jobs_worker._study(None, {"archs": ["resnet18"], "levels": ["fc"], "devices": "cpu,cpu", "report_dir": "x"},
+                       type("E", (), {"put": lambda self, e: None})(), None)
+    assert seen["devices"] == "cpu,cpu" and seen["archs"] == ["resnet18"]
+
+
+def test_a_parallel_studys_interleaved_events_keep_one_curve_per_run_and_an_honest_progress():
+    """Issue 13 #2: with one run per device, epochs of different runs arrive interleaved; each run keeps its
+    own curve in the Study tab's plot and the progress is the mean of the runs' progress."""
+    from covid_cls import events as ev
+    from covid_cls.jobs import JobManager, Run
+    from covid_cls.ui.study import study_outputs
+
+    def epoch(i, name, k):
+        return ev.Epoch(epoch=k, epochs=2, train={"loss": 1.0 / k}, val={"auc": 0.5 + 0.1 * k + 0.01 * i},
+                        seconds=1.0).tagged(i, 2, name)
+
+    run = Run(id="s", kind="study", config={})
+    for e in (ev.RunStart().tagged(1, 2, "resnet18·fc"), ev.RunStart().tagged(2, 2, "resnet18·full"),
+              epoch(1, "resnet18·fc", 1), epoch(2, "resnet18·full", 1), epoch(1, "resnet18·fc", 2)):
+        JobManager._apply(run, e)
+    assert run.progress == (1.0 + 0.5) / 2
+    live = run.study["live"]
+    assert [h["val"]["auc"] for h in live["resnet18·fc"]] == [0.61, 0.71]
+    assert [h["val"]["auc"] for h in live["resnet18·full"]] == [0.62]
+    JobManager._apply(run, ev.Done(checkpoint="x", metrics={}, best_epoch=2, temperature=1.0,
+                                   seconds=1.0).tagged(1, 2, "resnet18·fc"))
+    assert run.study["histories"]["resnet18·fc"] == live["resnet18·fc"]   # not the interleaved run.history
+    fig = study_outputs(run)[1]
+    assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} >= {"resnet18·fc", "resnet18·full"}
+    saved = json.loads(json.dumps({k: v for k, v in run.to_dict().items() if k != "version"}))
+    assert Run.from_saved(saved, "s").study["live"] == live   # saved and read back
+
+
+def test_batch_with_no_model_yet_guides_instead_of_failing(svc, tmp_path, monkeypatch):
+    """Issue 12 #4 for the batch section: no model for the pair in the browser is a hint (and nothing is
+    predicted), while an API client still gets the error it needs to notice."""
+    from covid_cls.ui import batch as batch_ui
+    from covid_cls.ui import common
+
+    warned = []
+    monkeypatch.setattr(batch_ui.gr, "Warning", lambda msg, *a, **k: warned.append(msg))
+    upload = _upload(tmp_path)
+    assert batch_ui.predict_batch(svc, [upload], "resnet18", "fc", common.BEST) == (None, None, [])
+    assert "Train quick demo model" in warned[0] and Path(upload).exists()   # the upload stays for the retry
+    monkeypatch.setattr(common, "is_api_call", lambda: True)
+    with pytest.raises(Exception, match="(?i)no .*model|checkpoint"):
+        batch_ui.predict_batch(svc, [upload], "resnet18", "fc", common.BEST)

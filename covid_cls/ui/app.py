@@ -18,8 +18,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         start_pulls(svc.settings.hub_models, svc.settings.checkpoints)
     with gr.Blocks(title="covid_cls — chest X-ray fine-tuning lab", delete_cache=(600, 1800)) as demo:
         gr.Markdown("# covid_cls — chest X-ray fine-tuning lab\n"
-                    "How much of a pretrained CNN must be fine-tuned to tell infected from normal chest X-rays, "
-                    "and what does it look at?")
+                    "How much of a pretrained CNN must be fine-tuned to tell infected from normal chest X-rays "
+                    "(or your own classes: one folder per class), and what does it look at?")
         gr.HTML(banner())
         # the image decoded at upload time (<= 1024 px), shared by Predict and Compare; dropped after STATE_TTL_S
         session = gr.State(None, time_to_live=STATE_TTL_S)

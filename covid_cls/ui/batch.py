@@ -67,9 +67,21 @@ def predict_batch(svc: Services, files: list | None, arch: str, level: str, chec
     import pandas as pd
 
     from .. import batch
+    from .predict import no_model_guidance
 
     sources = _sources(files)
     ck = None if not checkpoint or checkpoint == BEST else checkpoint
+    if no_model_guidance(svc, arch, level, checkpoint) is not None:
+        # In the browser, no model yet is guidance, not a red error (as the Predict button: issue 12 #4); the
+        # uploads stay so that "Predict all" works once the quick demo model is trained. API calls get the error.
+        how = ("press “Train quick demo model” under the Predict button (or train one in the Train tab), then "
+               "“Predict all” again" if svc.settings.training else "training is off on this server; models come "
+               "from its checkpoint folder or the Hugging Face Hub")
+        try:
+            gr.Warning(f"No model for {arch} · {level} yet: {how}.")
+        except Exception:  # noqa: BLE001 - outside a Gradio event (tests, scripts)
+            pass
+        return None, None, []
     try:
         # the model first: unknown arch/level or no model at all is said before any file is touched
         svc.predictor.candidates(arch, level, str(svc.checkpoint_path(ck)) if ck else None)

@@ -521,13 +521,22 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 
 def metrics_line(m: dict | None) -> str:
-    """Metrics with their 95 % bootstrap intervals where the card has them (``report.with_ci``)."""
+    """Metrics with their 95 % bootstrap intervals where the card has them (``report.with_ci``); with more than
+    two classes (``per_class`` present) AUC, sensitivity, specificity and F1 are macro averages and say so."""
     from ..report import with_ci
 
     if not m:
         return "–"
-    return (f"AUC {with_ci(m, 'auc')} · sens {with_ci(m, 'sensitivity')} · spec {with_ci(m, 'specificity')}"
+    macro = "macro " if m.get("per_class") else ""
+    return (f"{macro}AUC {with_ci(m, 'auc')} · sens {with_ci(m, 'sensitivity')} · spec {with_ci(m, 'specificity')}"
             f" · F1 {with_ci(m, 'f1')} · acc {fmt(m.get('accuracy'))} (n={m.get('n', '–')})")
+
+
+def per_class_line(m: dict | None) -> str:
+    """One-vs-rest AUC / sensitivity / specificity of each class of a multi-class split ("" for a binary one)."""
+    per_class = (m or {}).get("per_class") or {}
+    return " · ".join(f"{name}: AUC {fmt(pc.get('auc'))}, sens {fmt(pc.get('sensitivity'))}, "
+                      f"spec {fmt(pc.get('specificity'))}" for name, pc in per_class.items() if isinstance(pc, dict))
 
 
 def operating_point(card: Card) -> str:
@@ -535,7 +544,7 @@ def operating_point(card: Card) -> str:
     from ..report import threshold_text
 
     note = f" · ⚠️ calibration: {card.calibration_note}" if card.calibration_note else ""
-    return f"**Decision:** {threshold_text(card.threshold, card.positive)}{note}"
+    return f"**Decision:** {threshold_text(card.threshold, card.positive, card.num_classes)}{note}"
 
 
 def weights_text(card: Card) -> str:
@@ -558,24 +567,78 @@ def card_markdown(card: Card) -> str:
     if isinstance(read, dict) and all(isinstance(v, int) for v in read.values()):
         count_txt += f"; {sum(read.values())} files read"
     trained_on = f" · trained on {card.device}, {card.precision}" if card.device else ""
-    return "  \n".join([
+    test = card.split_metrics("test")
+    lines = [
         f"**Model:** {card.title} — `{file_name(card)}` (created {card.created or '?'})",
         f"**Weights:** {weights_text(card)}",
         f"**Data:** `{card.data.get('root', '?')}` ({count_txt})",
         f"**Validation:** {metrics_line(card.split_metrics('validation'))}",
-        f"**Test:** {metrics_line(card.split_metrics('test'))}",
+        f"**Test:** {metrics_line(test)}",
         operating_point(card),
         f"**Temperature:** {fmt(card.temperature, 2)} · best epoch {card.best_epoch}{trained_on}",
-    ])
+    ]
+    if card.num_classes > 2:   # the binary card reads as before; its classes are named by the decision line
+        lines.insert(1, f"**Classes:** {', '.join(card.classes)}")
+        if per_class_line(test):
+            lines.insert(6, f"**Test, each class vs the rest:** {per_class_line(test)}")
+    return "  \n".join(lines)
 
 
-def roc_figure(metrics: dict[str, Any]):
-    """ROC of the validation and test splits that have a curve in ``metrics`` (a card's or a run's)."""
+def roc_figure(metrics: dict[str, Any], positive: str | None = None):
+    """ROC of the validation and test splits that have a curve in ``metrics`` (a card's or a run's). With more
+    than two classes (a split has ``roc_per_class``): one curve per class vs the rest, of the test split (else
+    the validation one). ``positive`` names the binary curves' positive class in the title."""
     from .. import plots
 
+    for split in ("test", "validation"):
+        m = metrics.get(split)
+        if isinstance(m, dict) and m.get("roc_per_class"):
+            return plots.roc_one_vs_rest(m["roc_per_class"], m.get("per_class"),
+                                         title=f"ROC ({split}), each class vs the rest")
     splits = [s for s in ("validation", "test") if isinstance(metrics.get(s), dict) and metrics[s].get("roc")]
-    return plots.roc({s: (metrics[s]["roc"]["fpr"], metrics[s]["roc"]["tpr"], metrics[s].get("auc"))
-                      for s in splits})
+    curves = {s: (metrics[s]["roc"]["fpr"], metrics[s]["roc"]["tpr"], metrics[s].get("auc")) for s in splits}
+    return plots.roc(curves, title=f"ROC (positive: {positive})") if positive else plots.roc(curves)
+
+
+def confusion_figure(m: dict | None, title: str, card: Card | None = None):
+    """The confusion matrix of one split's metrics (None when it has none), its rows and columns named from the
+    card: the classes in order (N x N), or for two classes the positive one first, as ``binary_metrics`` counts."""
+    from .. import plots
+
+    cm = (m or {}).get("confusion")
+    if not cm:
+        return None
+    names = None
+    if card is not None and len(cm) == card.num_classes:
+        names = (list(card.classes) if card.num_classes > 2
+                 else [card.positive] + [c for c in card.classes if c != card.positive])
+    elif (m or {}).get("per_class") and len(m["per_class"]) == len(cm):
+        names = list(m["per_class"])   # a run's metrics without its card: per_class keeps the class order
+    return plots.confusion(cm, title, classes=names)
+
+
+class Rows(list):
+    """Table rows that carry their column names, for tables whose columns come from the data (one per class):
+    a plain list of rows to the code that reads them, ``{"headers", "data"}`` to a ``headed_table``."""
+
+    def __init__(self, rows, headers):
+        super().__init__(rows)
+        self.headers = list(headers)
+
+
+def headed_table(**kw) -> gr.Dataframe:
+    """A ``gr.Dataframe`` that takes its headers from a ``Rows`` value (anything else as ``gr.Dataframe``). The
+    instance's ``postprocess`` is wrapped (see ``predict.headline_label`` for why not a subclass)."""
+    table = gr.Dataframe(**kw)
+    plain = table.postprocess
+
+    def postprocess(value):
+        if isinstance(value, Rows):
+            value = {"headers": value.headers, "data": [list(r) for r in value]}
+        return plain(value)
+
+    table.postprocess = postprocess
+    return table
 
 
 def banner() -> str:

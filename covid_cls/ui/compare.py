@@ -8,12 +8,19 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import discard_upload, read_upload, unique_image, user_errors
+from .common import Rows, discard_upload, headed_table, read_upload, unique_image, user_errors
 from .evaluate import data_inputs
 from .predict import upload_preview
 from .services import Services
 
-HEADERS = ["arch", "level", "prediction", "p(infected)", "weights", "ms"]
+HEADERS = ["arch", "level", "prediction", "p(infected)", "weights", "ms"]   # the 2020 task's models
+
+
+def compare_headers(positives: set[str], several: bool) -> list[str]:
+    """The table's columns: p(<the models' positive class>) (``p(positive class)`` when they differ), and a
+    column with every class's probability when some model has more than two classes."""
+    pos = f"p({next(iter(positives))})" if len(positives) == 1 else "p(positive class)"
+    return [*HEADERS[:3], pos, *HEADERS[4:]] + (["probabilities (all classes)"] if several else [])
 PAIRED_HEADERS = ["model", "AUC [95% CI]"]
 
 
@@ -27,7 +34,7 @@ def compare(svc: Services, path: str | None, session: dict | None = None):
     else:
         image = read_upload(path, svc.settings.max_upload)
     trained = {(c.arch, c.level) for c in svc.cards()}
-    gallery, rows = [], []
+    gallery, preds = [], []
     for arch in ARCHS:
         for level in LEVELS:
             if (arch, level) not in trained:
@@ -35,10 +42,16 @@ def compare(svc: Services, path: str | None, session: dict | None = None):
             p = svc.predict(image, arch, level)   # the best for the pair, exactly as Predict picks it
             pinf = p.probs.get(p.card.positive, 0.0)
             gallery.append((unique_image(p.overlay), f"{p.card.title}: {p.label} ({p.card.positive} {pinf:.0%})"))
-            rows.append([ARCHS[arch].title, level, p.label, pinf, p.card.weights_origin, round(p.latency_ms, 1)])
-    if not rows:
+            preds.append(p)
+    if not preds:
         raise gr.Error("No trained models yet: train one in the Train tab first.")
-    return gallery, rows
+    several = any(p.card.num_classes > 2 for p in preds)
+    rows = []
+    for p in preds:
+        row = [ARCHS[p.card.arch].title, p.card.level, p.label, p.probs.get(p.card.positive, 0.0),
+               p.card.weights_origin, round(p.latency_ms, 1)]
+        rows.append(row + ([" · ".join(f"{k} {v:.2f}" for k, v in p.probs.items())] if several else []))
+    return gallery, Rows(rows, compare_headers({p.card.positive for p in preds}, several))
 
 
 @user_errors
@@ -50,18 +63,23 @@ def compare_models(svc: Services, a: str | None, b: str | None, source: str, fol
     from .evaluate import checkpoint_cards, eval_dataset
 
     try:
-        checkpoint_cards(svc, a, b)
-        root, name = eval_dataset(svc, source, folder, zip_path, split)
+        card_a, _ = checkpoint_cards(svc, a, b)
+        root, name = eval_dataset(svc, source, folder, zip_path, split, card_a.classes)
     finally:
         discard_upload(zip_path)   # read or refused, an upload is not kept (only this request's: issue 11 #9)
     try:
-        r = compare_checkpoints(svc.checkpoint_path(a), svc.checkpoint_path(b), root, split=name)
+        r = compare_checkpoints(svc.checkpoint_path(a), svc.checkpoint_path(b), root, split=name,
+                                roots=svc.settings.roots())   # every file checked when opened (symlinks)
     except ValueError as exc:   # different classes or images: the user's choice, not a bug
         raise gr.Error(str(exc)) from None
     rows = [[n, rp.with_ci({"auc": r[f"auc_{k}"], "ci": {"auc": r.get(f"auc_{k}_ci")}}, "auc")]
             for n, k in ((a, "a"), (b, "b"))]
-    md = (f"**{rp.verdict(r, a, b)}** — on {r['n']} images of `{root.name}` ({r['n_pos']} infected, "
-          f"{r['n_neg']} normal), both models on the same images.  \n"
+    pos = r.get("about", card_a.positive)
+    # two classes: "12 infected, 12 normal"; more: the AUC compared is the positive class's one-vs-rest
+    rest = next(c for c in card_a.classes if c != pos) if card_a.num_classes == 2 else "other classes"
+    about = "" if card_a.num_classes == 2 else f" (AUC of {pos} vs the rest)"
+    md = (f"**{rp.verdict(r, a, b)}** — on {r['n']} images of `{root.name}` ({r['n_pos']} {pos}, "
+          f"{r['n_neg']} {rest}), both models on the same images{about}.  \n"
           f"Difference A − B: {rp.signed(r['diff'])} AUC {rp.interval([r['ci_low'], r['ci_high']])} (DeLong), "
           f"paired bootstrap {rp.interval([r['boot_ci_low'], r['boot_ci_high']])}, {rp.p_text(r['p_value'])}.")
     return rows, md
@@ -78,7 +96,7 @@ def build(svc: Services, session: gr.State) -> None:
     upload = gr.File(label="Chest X-ray", type="filepath")
     button = gr.Button("Compare all models", variant="primary")
     gallery = gr.Gallery(label="Grad-CAM per model", columns=3, height="auto", format="jpeg")
-    table = gr.Dataframe(headers=HEADERS, interactive=False)
+    table = headed_table(headers=HEADERS, interactive=False)   # columns from the models' classes (compare_headers)
     upload.upload(partial(upload_preview, svc), [upload], [gr.Image(visible=False), session],
                   api_visibility="private")
     button.click(partial(compare, svc), [upload, session], [gallery, table], api_name="compare",

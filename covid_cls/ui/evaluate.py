@@ -8,6 +8,7 @@ a CPU), one evaluation at a time. Allowed with training switched off: it trains 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -19,29 +20,34 @@ from .services import Services
 from .train import METRIC_HEADERS, SOURCES, DataSource, metrics_rows, resolve_dataset
 
 MAX_IMAGES = 5000
+# The flat-folder choice's VALUE is what /evaluate and /compare_models clients send: kept as it always was; the
+# label users see says what a flat folder holds for any model (its classes' folders)
 FLAT = "flat folder (infected/ normal/ directly inside)"
+FLAT_LABEL = "flat folder (one folder per class directly inside, e.g. infected/ normal/)"
 SPLIT_CHOICES = ["test", "validation", "train", FLAT]
 SOURCE_HEADERS = ["source"] + METRIC_HEADERS[1:]
 
 
 def eval_dataset(svc: Services, source: str, folder: str | None, zip_path: str | None,
-                 split: str) -> tuple[Path, str]:
+                 split: str, classes: Sequence[str] = ("infected", "normal")) -> tuple[Path, str]:
     """(resolved root, split name to evaluate) after the Train tab's checks (data roots, safe zip), the
-    layout check and the size bound; nothing is decoded before these pass."""
+    layout check against the model's ``classes`` and the size bound; nothing is decoded before these pass."""
     from ..data import scan_dataset
 
     if source not in SOURCES:
         raise gr.Error(f"Pick a dataset source: {', '.join(SOURCES)}.")
     if split not in SPLIT_CHOICES:
         raise gr.Error(f"Pick a split: {', '.join(SPLIT_CHOICES)}.")
+    folders = " ".join(f"{c}/" for c in classes)
     if source == SOURCES[2] and not zip_path:
-        raise gr.Error("Upload a .zip with infected/ normal/ folders (flat) or train/ validation/ test/ splits.")
+        raise gr.Error(f"Upload a .zip with one folder per class of the model ({folders}), flat or in "
+                       "train/ validation/ test/ splits.")
     root = resolve_dataset(svc, DataSource(source, folder or "", zip_path), for_training=False)
     name = "test" if split == FLAT else split
-    if split == FLAT and not all((root / c).is_dir() for c in ("infected", "normal")):
-        raise DatasetError(f"{root.name}/ is not a flat labelled folder: it needs infected/ and normal/ directly "
-                           "inside (or pick a split)")
-    n = len(scan_dataset(root, splits=(name,)).splits[name].files)
+    if split == FLAT and not all((root / c).is_dir() for c in classes):
+        raise DatasetError(f"{root.name}/ is not a flat labelled folder for this model: it needs one folder per "
+                           f"class of the model ({folders}) directly inside (or pick a split)")
+    n = len(scan_dataset(root, splits=(name,), classes=list(classes)).splits[name].files)
     if n > MAX_IMAGES:
         raise DatasetError(f"{n:,} images: evaluation here is limited to {MAX_IMAGES:,}; use the command line "
                            f"(python -m covid_cls evaluate --checkpoint ... --data {root.name})")
@@ -56,10 +62,11 @@ def evaluate(svc: Services, checkpoint: str | None, source: str, folder: str | N
 
     try:
         [card] = checkpoint_cards(svc, checkpoint)
-        root, name = eval_dataset(svc, source, folder, zip_path, split)
+        root, name = eval_dataset(svc, source, folder, zip_path, split, card.classes)
     finally:
         discard_upload(zip_path)   # read or refused, an upload is not kept (only this request's: issue 11 #9)
-    r = evaluate_checkpoint(svc.checkpoint_path(checkpoint), root, split=name)
+    r = evaluate_checkpoint(svc.checkpoint_path(checkpoint), root, split=name,
+                            roots=svc.settings.roots())   # every file checked when opened (symlinks)
     sources = metrics_rows(r["subsets"], tuple(r["subsets"]))
     return (metrics_rows({name: r}, (name,)), sources, evaluation_markdown(card, r, root, split),
             *evaluation_figures(r))
@@ -81,17 +88,18 @@ def checkpoint_cards(svc: Services, *names: str | None) -> list:
 def evaluation_markdown(card, r: dict, root: Path, split: str) -> str:
     from .. import report as rp
 
-    labels = r["labels"]
-    pos = r["classes"].index(card.positive)
-    n_pos = sum(1 for y in labels if y == pos)
-    others = " / ".join(c for c in r["classes"] if c != card.positive)
+    labels, classes = r["labels"], list(r["classes"])
+    # per class, the positive one first ("12 infected, 12 normal"; "8 covid, 8 normal, 8 pneumonia")
+    order = [card.positive] + [c for c in classes if c != card.positive]
+    counts = ", ".join(f"{sum(1 for y in labels if y == classes.index(c))} {c}" for c in order)
     where = "the whole folder (flat)" if split == FLAT else f"split **{split}**"
     synthetic = "  \n_SYNTHETIC images — they say nothing about real X-rays._" if "demo_data" in str(root) else ""
     sel = r["selective"]
+    rule = rp.threshold_text(r["threshold"], card.positive, len(classes))
     lines = [
         f"**{card.title}** `{Path(card.path).name}` on `{root.name}`, {where}: {len(labels)} images "
-        f"({n_pos} {card.positive}, {len(labels) - n_pos} {others}){synthetic}",
-        f"**Decision:** {rp.threshold_text(r['threshold'], card.positive)} · 95 % CIs: stratified bootstrap",
+        f"({counts}){synthetic}",
+        f"**Decision:** {rule} · 95 % CIs: stratified bootstrap",
         f"**Says \"uncertain\":** {rp.selective_line(sel)}",
         f"**Near-duplicates of training images:** {rp.duplicates_line(r['duplicates'], len(labels))}",
     ]
@@ -108,8 +116,12 @@ def evaluation_figures(r: dict):
     sel = r["selective"]
     acc = sel.get("answered_accuracy")
     rule = (1.0 - sel["flagged"], 1.0 - acc) if acc is not None else None
-    return (plots.roc({"all": (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])}),
-            plots.risk_coverage(sel["risk_coverage"], sel.get("aurc"), rule))
+    if r.get("roc_per_class"):   # more than two classes: one curve per class vs the rest
+        roc = plots.roc_one_vs_rest(r["roc_per_class"], r.get("per_class"))
+    else:
+        roc = plots.roc({"all": (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])},
+                        title=f"ROC (positive: {r.get('positive', 'infected')})")
+    return roc, plots.risk_coverage(sel["risk_coverage"], sel.get("aurc"), rule)
 
 
 def build(svc: Services, pick: gr.Dropdown) -> None:
@@ -138,7 +150,7 @@ def data_inputs() -> list:
     source = gr.Radio(SOURCES, value=SOURCES[1], label="Dataset")
     folder = gr.Textbox(label="Server folder (under COVID_CLS_DATA_ROOTS)", placeholder="/data/cxr-shift")
     zip_up = gr.File(label="Labelled .zip", file_types=[".zip"], visible=False, type="filepath")
-    split = gr.Radio(SPLIT_CHOICES, value="test", label="Split")
+    split = gr.Radio([(FLAT_LABEL if c == FLAT else c, c) for c in SPLIT_CHOICES], value="test", label="Split")
     source.change(lambda s: (gr.update(visible=s == SOURCES[1]), gr.update(visible=s == SOURCES[2])),
                   [source], [folder, zip_up], api_visibility="private")
     return [source, folder, zip_up, split]

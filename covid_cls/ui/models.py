@@ -11,13 +11,15 @@ from . import evaluate
 from .common import card_markdown, file_name, roc_figure, user_errors
 from .services import Services
 
+# sens / spec / AUC: of the positive class for two classes, macro one-vs-rest averages for more (see "classes")
 TABLE_HEADERS = ["file", "arch", "level", "weights", "val AUC", "test acc", "test sens", "test spec", "test AUC",
-                 "created"]
+                 "created", "classes"]
 
 
 def models_json(svc: Services) -> list[dict]:
     """/models: what each checkpoint says about itself (ROC points left out)."""
     return [{"file": file_name(c), "arch": c.arch, "level": c.level, "created": c.created,
+             "classes": list(c.classes), "positive": c.positive,
              "weights_origin": c.weights_origin, "temperature": c.temperature, "data": c.data, "params": c.params,
              "metrics": {s: {k: v for k, v in m.items() if k != "roc"}
                          for s, m in c.metrics.items() if isinstance(m, dict)}}
@@ -30,7 +32,8 @@ def models_table(svc: Services):
     for c in svc.cards():
         val, test = c.split_metrics("validation"), c.split_metrics("test")
         rows.append([file_name(c), c.arch, c.level, c.weights_origin, val.get("auc"), test.get("accuracy"),
-                     test.get("sensitivity"), test.get("specificity"), test.get("auc"), c.created])
+                     test.get("sensitivity"), test.get("specificity"), test.get("auc"), c.created,
+                     ", ".join(c.classes)])
     return rows, gr.update(choices=[r[0] for r in rows], value=rows[0][0] if rows else None)
 
 
@@ -44,7 +47,8 @@ def model_details(svc: Services, name: str | None):
     card = svc.card(name)
     if card is None:
         return f"`{name}` is no longer available.", None, None
-    return card_markdown(card), plots.curves(card.history, title=card.name), roc_figure(card.metrics)
+    positive = card.positive if card.num_classes == 2 else None   # more classes: one curve per class
+    return card_markdown(card), plots.curves(card.history, title=card.name), roc_figure(card.metrics, positive)
 
 
 @user_errors

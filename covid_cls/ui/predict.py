@@ -1,4 +1,5 @@
-"""Predict tab: an upload -> calibrated probabilities, the Grad-CAM overlay and the model's card."""
+"""Predict tab: an upload -> calibrated probabilities of every class of the model, the Grad-CAM overlay (of the
+predicted class, or of one picked under "Explain class") and the model's card."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from .services import Services
 
 if TYPE_CHECKING:
     from ..predictor import Prediction
+
+PREDICTED = "predicted class"   # the "Explain class" choice for the map of the model's most probable class
 
 
 def checkpoint_choices(svc: Services, arch: str, level: str):
@@ -73,8 +76,67 @@ def predict(svc: Services, path: str | None, arch: str, level: str, checkpoint: 
         return None, None, guide, None
     image = session_image(svc, path, session)
     p = svc.predict(image, arch, level, None if not checkpoint or checkpoint == BEST else checkpoint)
+    info = prediction_markdown(p)
     state = slider_state(p, Path(path).name if path else session.get("name"))   # bounded (issue 11 #2)
-    return headline(p), unique_image(p.overlay), prediction_markdown(p), state
+    if state is not None:   # what "Explain class" re-draws from: the model that answered, and the text to amend
+        state.update(explain_state(p, info))
+    return headline(p), unique_image(p.overlay), info, state
+
+
+def explain_state(p: Prediction, info: str) -> dict:
+    """What the "Explain class" re-draw needs besides the image (a few hundred bytes, at most 20 class names): the
+    checkpoint that made the prediction (by name; a newer "best" must not explain an older answer), its classes,
+    and the info markdown with its heatmap line."""
+    return {"checkpoint": Path(p.checkpoint).name, "arch": p.card.arch, "level": p.card.level,
+            "classes": list(p.card.classes), "line": explained_line(p.explained or p.decision, chosen=False),
+            "info": info}
+
+
+def explained_line(explained: str, chosen: bool) -> str:
+    """The info markdown's line saying which class the heatmap explains."""
+    why = "chosen under *Explain class*" if chosen else "the most probable class"
+    return f"**Heatmap:** Grad-CAM of **{explained}** ({why})."
+
+
+def explain_choices(classes) -> list[str]:
+    return [PREDICTED, *classes]
+
+
+@user_errors
+def explain_options(svc: Services, arch: str, level: str, checkpoint: str | None):
+    """The "Explain class" dropdown for the model Predict would use now: "predicted class" + its classes."""
+    card = svc.model_card(arch, level, None if not checkpoint or checkpoint == BEST else checkpoint)
+    return gr.update(choices=explain_choices(card.classes if card else []), value=PREDICTED)
+
+
+def explain_after_predict(state: dict | None):
+    """After a prediction: the classes of the model that made it, "predicted class" picked (as drawn). Unchanged
+    when there is no state (an API call, or the no-model guidance)."""
+    if not state or not state.get("classes"):
+        return gr.skip()
+    return gr.update(choices=explain_choices(state["classes"]), value=PREDICTED)
+
+
+@user_errors
+def explain(svc: Services, choice: str | None, alpha: float, state: dict | None):
+    """Re-draw the last prediction's Grad-CAM for class ``choice`` (or the predicted class) -> overlay, info
+    markdown, the new state. Runs the same checkpoint on the session's copy of the image (<= 1024 px, which the
+    model sees at its own input size anyway); the probabilities shown stay those of the prediction."""
+    if not state or state.get("image") is None or not state.get("checkpoint"):
+        raise gr.Error("Press Predict first: the heatmap is re-drawn for this page's last prediction "
+                       "(kept for 30 minutes).")
+    cls = None if not choice or choice == PREDICTED else choice
+    if cls is not None and cls not in state["classes"]:
+        raise gr.Error(f"The heatmap shown comes from {state['checkpoint']}, whose classes are "
+                       f"{', '.join(state['classes'])}; press Predict to use the model chosen above.")
+    p = svc.predict(state["image"], state["arch"], state["level"], state["checkpoint"], explain_class=cls)
+    new = slider_state(p, state.get("name"))
+    if new is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    line = explained_line(p.explained, chosen=cls is not None)
+    new.update({k: state[k] for k in ("checkpoint", "arch", "level", "classes")}, line=line,
+               info=state["info"].replace(state["line"], line))
+    return reblend_state(alpha, new), new["info"], new
 
 
 def no_model_guidance(svc: Services, arch: str, level: str, checkpoint: str | None) -> str | None:
@@ -107,7 +169,8 @@ def no_model_guidance(svc: Services, arch: str, level: str, checkpoint: str | No
 def headline_label(**kw) -> gr.Label:
     """A ``gr.Label`` whose headline is stated, not taken from the most probable class: the Predictor's
     ``label`` (the class at the model's operating point, or "uncertain — ..." when it abstains) above the
-    probability bars. It takes a ``(headline, {class: probability})`` pair; anything else as ``gr.Label``.
+    probability bars, one per class of the model (all of them: the pair is never cut to ``num_top_classes``).
+    It takes a ``(headline, {class: probability})`` pair; anything else as ``gr.Label``.
     (The instance's ``postprocess`` is wrapped rather than subclassed: Gradio writes a ``.pyi`` stub beside the
     module of every Component subclass, which a read-only deployment cannot do.)"""
     from gradio.components.label import LabelConfidence, LabelData
@@ -138,11 +201,13 @@ def prediction_markdown(p: Prediction) -> str:
         head = (f"### Prediction: **{p.label}**\nThe model does not answer for this image. Why:\n{why}\n\n"
                 f"Probabilities, for information only: {probs}")
     else:
-        rule = "" if p.card.threshold is None else \
+        # a threshold on P(positive) is a two-class rule; with more classes the answer is the most probable one
+        rule = "" if p.card.threshold is None or p.card.num_classes != 2 else \
             f" (called {p.card.positive} when P({p.card.positive}) ≥ {p.card.threshold:.2f}, chosen on validation)"
         head = f"### Prediction: **{p.label}**{rule}  \n{probs}"
     return "\n\n".join([
         head,
+        explained_line(p.explained or p.decision, chosen=False),
         f"Ran on **{p.device}** in **{p.latency_ms:.0f} ms** (forward + Grad-CAM).",
         card_markdown(p.card),
         f"**{DISCLAIMER}**",
@@ -152,15 +217,16 @@ def prediction_markdown(p: Prediction) -> str:
 # --- the /predict endpoint as an API / MCP tool (issue 12 #7): what an assistant reads before calling it ---
 PREDICT_API_DESCRIPTION = (
     "RESEARCH DEMO - NOT A DIAGNOSIS: never use the result to diagnose, triage or treat anyone. Classifies one "
-    "chest X-ray image (PNG, JPEG, TIFF, BMP, WebP or DICOM) as infected or normal with a fine-tuned ResNet18 "
-    "or VGG16 and explains it with a Grad-CAM heatmap. Parameters: path = the image file; arch = 'resnet18' or "
+    "chest X-ray image (PNG, JPEG, TIFF, BMP, WebP or DICOM) into the model's classes (e.g. infected / normal; a "
+    "model trained on other class folders names its own) with a fine-tuned ResNet18 or VGG16 and explains it with "
+    "a Grad-CAM heatmap of the most probable class. Parameters: path = the image file; arch = 'resnet18' or "
     "'vgg16'; level = fine-tuning level 'fc', 'partial' or 'full'; checkpoint = a checkpoint file name, or "
     f"'{BEST}' / empty for the best one for arch and level. Returns: (1) a label whose 'label' is the answer at the "
     "model's operating point OR the abstention flag 'uncertain — outside what this model was trained on' when the "
     "image is out of distribution or ambiguous (then do not report a class), and whose 'confidences' are the "
-    "calibrated class probabilities; (2) the Grad-CAM overlay image; (3) markdown with the reasons for an "
-    "abstention, the model card (training data, weights origin such as 'trained from scratch', test metrics with "
-    "95% confidence intervals) and the disclaimer.")
+    "calibrated probabilities of every class of the model; (2) the Grad-CAM overlay image; (3) markdown with the "
+    "reasons for an abstention, the class the heatmap explains, the model card (training data, weights origin "
+    "such as 'trained from scratch', test metrics with 95% confidence intervals) and the disclaimer.")
 
 
 def reblend(alpha: float, state: dict | None):
@@ -186,13 +252,16 @@ def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
             demo_btn = gr.Button("Train quick demo model", visible=False)
             demo_status = gr.HTML()
         with gr.Column(scale=2):
-            probs = headline_label(label="Prediction and probabilities (calibrated)", num_top_classes=2,
-                                   elem_id="cc-label")
+            # every class of the model (2 to 20): no num_top_classes cut
+            probs = headline_label(label="Prediction and probabilities (calibrated)", elem_id="cc-label")
             with gr.Row():
                 preview = gr.Image(label="Image", type="pil", interactive=False, format="jpeg", elem_id="cc-preview")
                 overlay_img = gr.Image(label="Grad-CAM overlay", type="pil", interactive=False, format="jpeg",
                                        elem_id="cc-overlay")
-            alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
+            with gr.Row():
+                alpha = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
+                explain_dd = gr.Dropdown([PREDICTED], value=PREDICTED, label="Explain class",
+                                         info="the class the Grad-CAM heatmap explains", elem_id="cc-explain")
             info = gr.Markdown(elem_id="cc-info")
             cam_state = gr.State(None, time_to_live=STATE_TTL_S)   # API sessions never close (issue 11 #2)
 
@@ -206,13 +275,23 @@ def build(svc: Services, session: gr.State, demo: gr.Blocks) -> None:
 
     choices = partial(checkpoint_choices, svc)
     upload.upload(partial(upload_preview, svc), [upload], [preview, session], api_visibility="private")
+    # /predict keeps its inputs and outputs (API clients); "Explain class" is a private event on the session state
     predict_btn.click(partial(predict, svc), [upload, arch, level, ckpt, session],
                       [probs, overlay_img, info, cam_state], api_name="predict", concurrency_limit=4,
-                      concurrency_id="predict", api_description=PREDICT_API_DESCRIPTION)
+                      concurrency_id="predict", api_description=PREDICT_API_DESCRIPTION).success(
+        explain_after_predict, [cam_state], [explain_dd], api_visibility="private")
     alpha.change(reblend, [alpha, cam_state], [overlay_img], api_visibility="private", show_progress="hidden")
+    # .input: only the user's pick re-draws (the choices reset after a prediction must not run the model again)
+    explain_dd.input(partial(explain, svc), [explain_dd, alpha, cam_state], [overlay_img, info, cam_state],
+                     api_visibility="private", concurrency_id="predict")
+    options = partial(explain_options, svc)
     for comp in (arch, level):
         comp.change(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
+    for comp in (arch, level, ckpt):
+        comp.change(options, [arch, level, ckpt], [explain_dd], api_visibility="private")
     ckpt.focus(lambda a, lv: choices(a, lv)[0], [arch, level], [ckpt], api_visibility="private")
     demo_btn.click(partial(quick_demo, svc), None, [demo_status], api_name="quick_demo", concurrency_limit=4).then(
-        choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
-    demo.load(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private")
+        choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private").then(
+        options, [arch, level, ckpt], [explain_dd], api_visibility="private")
+    demo.load(choices, [arch, level], [ckpt, no_model, demo_btn], api_visibility="private").then(
+        options, [arch, level, ckpt], [explain_dd], api_visibility="private")

@@ -59,8 +59,10 @@ def _device_predictor(key: str, folder: str) -> Predictor:
     return found
 
 
-def _predict_call(key: str, folder: str, image: Any, arch: str, level: str, checkpoint: str | None) -> Prediction:
-    return _device_predictor(key, folder).predict(image, arch=arch, level=level, checkpoint=checkpoint)
+def _predict_call(key: str, folder: str, image: Any, arch: str, level: str, checkpoint: str | None,
+                  explain_class: str | None = None) -> Prediction:
+    return _device_predictor(key, folder).predict(image, arch=arch, level=level, checkpoint=checkpoint,
+                                                  explain_class=explain_class)
 
 
 _predict_on_device = gpu(duration=PREDICT_GPU_SECONDS)(_predict_call)
@@ -89,6 +91,23 @@ class Settings:
     # COVID_CLS_MAX_SESSIONS: sessions whose state Gradio keeps (~0.15 MB of component config each, plus their
     # gr.State values); API sessions never close, so the oldest go beyond this (Gradio's default: 10,000)
     max_sessions: int = 1000
+    # COVID_CLS_STUDY_DEVICES: where a Study's runs go ("0,1,2,3": one process per GPU, in parallel; "cpu,cpu";
+    # "none": one after another). Empty: every GPU when the server sees more than one (issue 13 #2)
+    study_devices_env: str = ""
+
+    def study_devices(self) -> list[str]:
+        """The devices a Study spreads its runs over; [] = one run after another in the training worker."""
+        from ..distributed import parse_devices
+
+        spec = self.study_devices_env.strip()
+        if spec.lower() == "none":
+            return []
+        if not spec:
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return [f"cuda:{i}" for i in range(n)] if n > 1 else []
+        return parse_devices(spec)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -103,7 +122,8 @@ class Settings:
                    roots_env=os.environ.get("COVID_CLS_DATA_ROOTS", ""),
                    hub_models=os.environ.get("COVID_CLS_HUB_MODELS", ""),
                    mcp=os.environ.get("COVID_CLS_MCP", "0") not in ("", "0"),
-                   max_sessions=int(os.environ.get("COVID_CLS_MAX_SESSIONS", "1000")))
+                   max_sessions=int(os.environ.get("COVID_CLS_MAX_SESSIONS", "1000")),
+                   study_devices_env=os.environ.get("COVID_CLS_STUDY_DEVICES", ""))
 
     @property
     def demo_data(self) -> Path:
@@ -168,13 +188,29 @@ class Services:
 
         return read_card(self.checkpoint_path(name))
 
-    def predict(self, image: Any, arch: str, level: str, checkpoint: str | None = None) -> Prediction:
-        """Predict with the named checkpoint (a name in the checkpoint folder) or the best for the pair."""
+    def model_card(self, arch: str, level: str, checkpoint: str | None = None) -> Card | None:
+        """The card of the model Predict would use: the named checkpoint, else the best for (arch, level);
+        None when there is none (or the names are not known)."""
+        from ..checkpoints import ranked_checkpoints, read_card
+        from ..models import ARCHS, LEVELS
+
+        if checkpoint:
+            return self.card(checkpoint)
+        if arch not in ARCHS or level not in LEVELS:
+            return None
+        # the Predictor's choice (``Predictor.candidates``) without making a Predictor: a page load stays light
+        ranked = ranked_checkpoints(self.settings.checkpoints, arch, level)
+        return read_card(ranked[0]) if ranked else None
+
+    def predict(self, image: Any, arch: str, level: str, checkpoint: str | None = None,
+                explain_class: str | None = None) -> Prediction:
+        """Predict with the named checkpoint (a name in the checkpoint folder) or the best for the pair; the
+        Grad-CAM map explains ``explain_class`` (default: the predicted class)."""
         path = str(self.checkpoint_path(checkpoint)) if checkpoint else None
         key = f"services-{id(self)}"
         _PREDICTORS[key] = self.predictor   # what a ZeroGPU worker forked from here finds (see _predict_call)
         try:
-            return _predict_on_device(key, str(self.settings.checkpoints), image, arch, level, path)
+            return _predict_on_device(key, str(self.settings.checkpoints), image, arch, level, path, explain_class)
         finally:
             trim_memory_soon()   # large transient buffers back to the OS once this request is over (#2)
 

@@ -36,8 +36,12 @@ def study(svc: Services, data: DataSource, archs: list[str], levels: list[str], 
         raise gr.Error("Pick at least one architecture and one level.")
     root = resolve_dataset(svc, data)
     report = svc.settings.runs / "studies" / time.strftime("%Y%m%d-%H%M%S")
+    extra = {"archs": list(archs), "levels": list(levels), "report_dir": str(report)}
+    devices = svc.settings.study_devices()   # several GPUs: one run per GPU at once (issue 13 #2)
+    if devices:
+        extra["devices"] = ",".join(devices)
     run = svc.start_run(replace(cfg, data_dir=str(root), out_dir=str(svc.settings.checkpoints)), kind="study",
-                        extra={"archs": list(archs), "levels": list(levels), "report_dir": str(report)})
+                        extra=extra)
     yield from stream(run, study_outputs)
 
 
@@ -45,9 +49,8 @@ def study_outputs(run: Run):
     """-> progress html, overlaid validation AUC, results table, log."""
     from .. import plots
 
-    hists = dict(run.study.get("histories") or {})
-    if run.status == "running" and run.history:
-        hists[run.study.get("current", "current")] = run.history
+    # every run's curve so far (several at once when the runs go in parallel), finished ones as recorded
+    hists = {**(run.study.get("live") or {}), **(run.study.get("histories") or {})}
     fig = plots.overlaid_validation(hists, "auc") if hists else None
     return progress_html(run), fig, study_table(run.study.get("rows", [])), "\n".join(run.log[-20:])
 
@@ -65,9 +68,11 @@ def build(svc: Services, data: SimpleNamespace) -> None:
     """The tab; ``data``: the Train tab's dataset inputs."""
     from ..models import ARCHS, LEVELS
 
+    devices = svc.settings.study_devices()
+    how = (f"in parallel, one run per device ({', '.join(devices)}), after one shared decode" if devices else
+           "one after another, reusing the decoded data")
     gr.Markdown("The 2020 notebook's whole experiment in one click: every architecture × level with shared "
-                "settings, one after another, reusing the decoded data. Uses the dataset chosen in the "
-                "Train tab.")
+                f"settings, {how}. Uses the dataset chosen in the Train tab.")
     if not svc.settings.training:
         gr.Markdown("### Training is switched off on this server\nThis deployment sets "
                     f"`COVID_CLS_TRAINING=0`, so studies (which train {len(ARCHS) * len(LEVELS)} models) are off "

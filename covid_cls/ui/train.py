@@ -16,9 +16,12 @@ from ..config import TrainConfig
 from ..report import METRIC_HEADERS, metrics_rows  # noqa: F401 - the tables' wording lives in report
 from .common import (
     TRAINING_OFF,
+    Rows,
     config_from,
+    confusion_figure,
     discard_upload,  # deletes only this request's upload (issue 11 #9)
     endpoint,
+    headed_table,
     option,
     progress_html,
     roc_figure,
@@ -82,7 +85,8 @@ def resolve_dataset(svc: Services, data: DataSource, for_training: bool = True) 
         if data.kind == SOURCES[1]:
             return check_allowed(data.folder, svc.settings.roots())
         if not data.zip_path:
-            raise gr.Error("Upload a .zip with train/ validation/ test/ × infected/ normal/ folders.")
+            raise gr.Error("Upload a .zip with train/ validation/ test/ × one folder per class (e.g. infected/ "
+                           "normal/).")
         return svc.unpack_zip(data.zip_path)
     finally:
         discard_upload(data.zip_path)   # only an upload of this request, never another session's file (#9)
@@ -90,18 +94,20 @@ def resolve_dataset(svc: Services, data: DataSource, for_training: bool = True) 
 
 @user_errors
 def scan(svc: Services, source: str, folder: str, zip_path: str | None):
-    """-> summary markdown, counts per split and class, the resolved folder."""
+    """-> summary markdown, counts per split and class (one column per class folder), the resolved folder."""
     from ..data import scan_dataset
 
     root = resolve_dataset(svc, DataSource(source, folder, zip_path))
     info = scan_dataset(root, roots=svc.settings.roots())   # symlinks leading out are skipped and listed (#4)
-    rows = [[s, c["infected"], c["normal"]] for s, c in info.counts().items()]
+    # the classes are the dataset's folders (2 to 20), so the table's columns are known only now
+    rows = Rows([[s, *(c[k] for k in info.classes)] for s, c in info.counts().items()], ["split", *info.classes])
+    n_images = sum(sum(r[1:]) for r in rows)
     skipped = "".join(f"\n- `{f}`: {why}" for f, why in info.skipped[:10])
-    md = f"**{root}** — {sum(r[1] + r[2] for r in rows)} images" + (
+    md = f"**{root}** — {n_images} images, {len(info.classes)} classes ({', '.join(info.classes)})" + (
         f"; skipped {len(info.skipped)} file(s):{skipped}" if info.skipped else "")
     if "demo_data" in str(root):
         md += "  \n_SYNTHETIC images — a model trained on them knows nothing about real X-rays._"
-    return md + leakage_markdown(svc, root, sum(r[1] + r[2] for r in rows)), rows, str(root)
+    return md + leakage_markdown(svc, root, n_images), rows, str(root)
 
 
 LEAKAGE_SCAN_MAX = 5000   # decoding is the cost (~5-10 ms per image); larger sets are checked when training starts
@@ -139,28 +145,34 @@ def train_outputs(run: Run):
     if run.status in ("failed", "stopped") and not (run.log and run.log[-1].endswith(run.message)):
         log += f"\n{run.message}"
     rows, cm_fig, roc_fig = [], None, None
+    card = run_card(run)
     if run.metrics:
         rows = metrics_rows(run.metrics)
-        test = run.metrics.get("test") or {}
-        if test.get("confusion"):
-            cm_fig = plots.confusion(test["confusion"], "test confusion matrix")
-        roc_fig = roc_figure(run.metrics)
-    return progress_html(run) + operating_point_html(run), fig, log, rows, cm_fig, roc_fig
+        # N x N with the card's class names (the run's metrics alone name the classes only for N > 2)
+        cm_fig = confusion_figure(run.metrics.get("test"), "test confusion matrix", card)
+        roc_fig = roc_figure(run.metrics, card.positive if card is not None and card.num_classes == 2 else None)
+    return progress_html(run) + operating_point_html(run, card), fig, log, rows, cm_fig, roc_fig
 
 
-def operating_point_html(run: Run) -> str:
+def run_card(run: Run):
+    """The card of a finished training run's checkpoint (None before it is done, or for a study)."""
+    from ..checkpoints import read_card
+
+    return read_card(run.checkpoint) if run.status == "done" and run.kind == "train" and run.checkpoint else None
+
+
+def operating_point_html(run: Run, card=None) -> str:
     """When the run is done: its checkpoint's decision threshold and calibration note (from the card)."""
     import html
 
-    from ..checkpoints import read_card
     from ..report import threshold_text
 
-    card = read_card(run.checkpoint) if run.status == "done" and run.kind == "train" and run.checkpoint else None
+    card = card if card is not None else run_card(run)
     if card is None:
         return ""
     note = f" · ⚠️ calibration: {card.calibration_note}" if card.calibration_note else ""
-    return (f"<div>Decision: {html.escape(threshold_text(card.threshold, card.positive))} · temperature "
-            f"{card.temperature:.2f}{html.escape(note)}</div>")
+    rule = threshold_text(card.threshold, card.positive, card.num_classes)
+    return f"<div>Decision: {html.escape(rule)} · temperature {card.temperature:.2f}{html.escape(note)}</div>"
 
 
 @user_errors
@@ -215,7 +227,8 @@ def build(svc: Services) -> SimpleNamespace:
             zip_up = gr.File(label="ImageFolder .zip", file_types=[".zip"], visible=False, type="filepath")
             scan_btn = gr.Button("Scan dataset")
             scan_md = gr.Markdown()
-            scan_df = gr.Dataframe(headers=["split", "infected", "normal"], interactive=False)
+            # columns: split + one per class folder of the scanned dataset (``scan`` returns them with the rows)
+            scan_df = headed_table(headers=["split", "images per class"], interactive=False)
             resolved = gr.State("")
             with gr.Group():
                 option_rows(MAIN_ROWS, opts)
