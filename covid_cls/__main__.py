@@ -186,6 +186,8 @@ def cmd_evaluate(a) -> int:
         print(f"             {pair['file']} (training image #{pair['train_index']}, distance {pair['distance']})")
     if r["skipped"]:
         print(f"  skipped {len(r['skipped'])} unreadable file(s)")
+    for note in r.get("notes", []):
+        print(f"  note: {note}")
     print(DISCLAIMER)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
@@ -205,12 +207,14 @@ def _evaluation_plots(r: dict, split: str, out: Path) -> None:
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    plots.save(plots.confusion(r["confusion"], f"confusion ({split})", classes=r["classes"]), out / "confusion.png")
+    plots.save(plots.confusion(r["confusion"], f"confusion ({split})",
+                               classes=plots.confusion_names(r["classes"], r["positive"])), out / "confusion.png")
     if r.get("roc_per_class"):   # more than two classes: one-vs-rest curve per class
         plots.save(plots.roc_one_vs_rest(r["roc_per_class"], r["per_class"], f"ROC, each class vs the rest ({split})"),
                    out / "roc.png")
     else:
-        plots.save(plots.roc({split: (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])}), out / "roc.png")
+        plots.save(plots.roc({split: (r["roc"]["fpr"], r["roc"]["tpr"], r["auc"])},
+                             title=f"ROC (positive: {r['positive']})"), out / "roc.png")
     sel = r["selective"]
     acc = sel.get("answered_accuracy")
     rule = (1.0 - sel["flagged"], 1.0 - acc) if acc is not None else None
@@ -228,8 +232,8 @@ def cmd_compare(a) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name_a, name_b = r["names"]
-    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} {r['about']}, {r['n_neg']} other), "
-          f"the same images for both; AUC of {r['about']} against the rest")
+    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} {r['about']}, {r['n_neg']} {r['rest']}), "
+          "the same images for both" + ("" if r["rest"] != "other" else f"; AUC of {r['about']} against the rest"))
     for tag, name, key in (("A", name_a, "a"), ("B", name_b, "b")):
         auc = {"auc": r[f"auc_{key}"], "ci": {"auc": r.get(f"auc_{key}_ci")}}
         print(f"  {tag} {name}: AUC {rp.with_ci(auc, 'auc')}")

@@ -19,6 +19,14 @@ from .errors import CheckpointError
 
 FORMAT_VERSION = 2          # 1: torch .pt (pickle-free zip); 2: safetensors + JSON card
 MAX_CLASSES = 20
+
+
+def class_name_ok(name: object) -> bool:
+    """A class name is a dataset's folder name and a label: 1-64 printable characters, a plain name (no path
+    separator, not "." or "..", no leading "." or "__", which scans skip). A card from elsewhere (the Hub) is
+    checked with this before any name is joined to a path."""
+    return (isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable() and "/" not in name
+            and "\\" not in name and name not in (".", "..") and not name.startswith((".", "__")))
 MAX_HIDDEN = 16384
 DISCLAIMER_NOTE = "research demo - not a diagnosis"
 
@@ -96,9 +104,9 @@ class Card:
         if self.level not in LEVELS:
             raise bad(f"unknown level {self.level!r}")
         if (not isinstance(self.classes, list) or not 2 <= len(self.classes) <= MAX_CLASSES
-                or not all(isinstance(c, str) and 0 < len(c) <= 64 for c in self.classes)
+                or not all(class_name_ok(c) for c in self.classes)
                 or len(set(self.classes)) != len(self.classes)):
-            raise bad(f"'classes' must be 2 to {MAX_CLASSES} distinct names")
+            raise bad(f"'classes' must be 2 to {MAX_CLASSES} distinct plain names (no path separators)")
         if self.positive not in self.classes:
             self.positive = self.classes[0]
         for name, lo, hi in (("hidden", 1, MAX_HIDDEN), ("image_size", 32, 2048), ("cache_size", 16, 4096)):
@@ -186,4 +194,4 @@ class Card:
             return None
         return prediction_sets(np.asarray(probs, dtype=np.float64).reshape(-1, self.num_classes), qhat)
 
-__all__ = ["Card", "FORMAT_VERSION", "MAX_CLASSES", "MAX_HIDDEN"]
+__all__ = ["Card", "FORMAT_VERSION", "MAX_CLASSES", "MAX_HIDDEN", "class_name_ok"]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .card import MAX_CLASSES, class_name_ok
 from .errors import DatasetError, UnsafePath
 from .imaging import MAX_BYTES, ImageError, load_image
 
@@ -37,7 +38,6 @@ from .imaging import MAX_BYTES, ImageError, load_image
 # from there.
 CLASSES: tuple[str, ...] = ("infected", "normal")
 POSITIVE = "infected"
-MAX_CLASSES = 20
 
 
 def positive_class(classes: Sequence[str]) -> str:
@@ -79,6 +79,7 @@ class DatasetInfo:
     splits: dict[str, Split]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     classes: tuple[str, ...] = CLASSES
+    notes: list[str] = field(default_factory=list)   # what the user should know (classes absent from a split)
 
     @property
     def positive(self) -> str:
@@ -95,9 +96,12 @@ class DatasetInfo:
         return "; ".join(rows)
 
 
-def _find_split(root: Path, name: str, flat_ok: bool = False) -> Path | None:
+def _find_split(root: Path, name: str, flat_ok: bool = False, classes: Sequence[str] | None = None) -> Path | None:
     """The folder of split ``name``; with ``flat_ok`` a flat labelled folder (class folders directly under
-    ``root``, e.g. an external test set) stands for the one split asked for."""
+    ``root``, e.g. an external test set) stands for the one split asked for: when every one of ``classes`` (a
+    model's) is a folder in ``root`` (also when a class is called like a split), or when there is no split folder."""
+    if flat_ok and classes and all((root / c).is_dir() for c in classes):
+        return root
     for candidate in SPLITS[name]:
         if (root / candidate).is_dir():
             return root / candidate
@@ -115,21 +119,26 @@ def check_classes(classes: Sequence[str], where: str) -> tuple[str, ...]:
     if not 2 <= len(classes) <= MAX_CLASSES:
         raise DatasetError(f"{where} has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a "
                            f"dataset needs 2 to {MAX_CLASSES}, one folder per class, the same in every split")
-    bad = [c for c in classes if len(c) > 64 or not c.isprintable()]
+    bad = [c for c in classes if not class_name_ok(c)]
     if bad:
-        raise DatasetError(f"{where}: class folder name(s) {', '.join(map(repr, bad))} cannot be used as labels "
-                           "(at most 64 printable characters)")
+        raise DatasetError(f"{where}: class name(s) {', '.join(map(repr, bad))} cannot be used as labels (a plain "
+                           "folder name of at most 64 printable characters)")
+    if len(set(classes)) != len(classes):
+        raise DatasetError(f"{where}: the class names {', '.join(classes)} repeat")
     return tuple(classes)
 
 
 def scan_dataset(root: str | os.PathLike, *,
                  splits: Iterable[str] = ("train", "validation", "test"),
-                 roots: Sequence[Path] | None = None, classes: Sequence[str] | None = None) -> DatasetInfo:
+                 roots: Sequence[Path] | None = None, classes: Sequence[str] | None = None,
+                 partial_ok: bool = False) -> DatasetInfo:
     """Check the ImageFolder layout before any work and list the files.
 
     The classes are the folders of the first split (alphabetical, as torchvision's ImageFolder orders them),
     unless ``classes`` (a model's, when evaluating it) says which must be there; every split must have
-    exactly those. Raises DatasetError naming every problem at once (missing split, missing/extra class
+    exactly those - or, with ``partial_ok`` (evaluating a model on a set that lacks some of its classes, e.g.
+    normal X-rays only from another hospital), some of them, said in ``notes``. Raises DatasetError naming every
+    problem at once (missing split, missing/extra class
     folders, empty classes). Files with non-image extensions are skipped and counted; decoding errors surface when
     the cache is built, where they are also skipped and counted (never a crash mid-epoch).
 
@@ -150,10 +159,13 @@ def scan_dataset(root: str | os.PathLike, *,
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
     problems: list[str] = []
+    notes: list[str] = []
     result: dict[str, Split] = {}
     skipped: list[tuple[str, str]] = []
     splits = tuple(splits)
-    found = {name: _find_split(root, name, flat_ok=len(splits) == 1) for name in splits}
+    if classes is not None:   # a model's classes (its card is checked too): never joined to a path unchecked
+        classes = check_classes(list(classes), "the model")
+    found = {name: _find_split(root, name, flat_ok=len(splits) == 1, classes=classes) for name in splits}
     for name, folder in found.items():
         if folder is None:
             problems.append(f"missing split folder '{name}/' (accepted names: {', '.join(SPLITS[name])})")
@@ -172,41 +184,54 @@ def scan_dataset(root: str | os.PathLike, *,
         subdirs = _class_folders(folder)
         missing = [c for c in classes if c not in subdirs]
         extra = [d for d in subdirs if d not in classes]
-        if missing:
-            problems.append(f"{folder.name}/ lacks class folder(s) {', '.join(missing)}")
+        missing_note = [f"{folder.name}/ lacks class folder(s) {', '.join(missing)}"] if missing else []
+        problems += missing_note
         if extra:
             problems.append(f"{folder.name}/ has unexpected folder(s) {', '.join(extra)} "
                             f"(expected exactly {', '.join(classes)}, as in the other splits)")
         split = Split(name, folder, classes=classes)
+        empty = []
         for label, cls in enumerate(classes):
-            cdir = folder / cls
-            if not cdir.is_dir():
-                continue
-            n_before, n_outside = len(split.files), 0
-            for p in sorted(cdir.rglob("*")):
-                if not p.is_file() or p.name.startswith("."):
-                    continue
-                rel = str(p.relative_to(root))
-                if p.suffix.lower() not in IMAGE_EXTS:
-                    skipped.append((rel, f"not an image extension ({p.suffix or 'none'})"))
-                    continue
-                if roots is not None:
-                    from .safety import outside_reason
-
-                    why = outside_reason(p, roots)
-                    if why:
-                        skipped.append((rel, why))
-                        n_outside += 1
-                        continue
-                split.files.append(p)
-                split.labels.append(label)
-            if len(split.files) == n_before:
-                problems.append(f"{folder.name}/{cls}/ contains no images" + (
+            files, n_outside = _class_files(folder / cls, root, roots, skipped) if cls in subdirs else ([], 0)
+            split.files += files
+            split.labels += [label] * len(files)
+            if not files and cls in subdirs:
+                empty.append(f"{folder.name}/{cls}/ contains no images" + (
                     f" inside the folders this server may read ({n_outside} lead outside)" if n_outside else ""))
+        if partial_ok and split.files:   # some of the model's classes: said, not refused
+            notes += [f"{name}: no images of class {c}; its sensitivity and AUC cannot be measured here"
+                      for label, c in enumerate(classes) if label not in split.labels]
+            problems = [p for p in problems if p not in missing_note]
+        else:
+            problems += empty
         result[name] = split
     if problems:
         raise DatasetError(f"dataset {root} cannot be used:\n  - " + "\n  - ".join(problems))
-    return DatasetInfo(root, result, skipped, classes)
+    return DatasetInfo(root, result, skipped, classes, notes)
+
+
+def _class_files(cdir: Path, root: Path, roots: Sequence[Path] | None,
+                 skipped: list[tuple[str, str]]) -> tuple[list[Path], int]:
+    """The image files below one class folder, sorted; other files and (with ``roots``) files that lead outside
+    the roots are added to ``skipped``. Also returns how many led outside."""
+    files, n_outside = [], 0
+    for p in sorted(cdir.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        rel = str(p.relative_to(root))
+        if p.suffix.lower() not in IMAGE_EXTS:
+            skipped.append((rel, f"not an image extension ({p.suffix or 'none'})"))
+            continue
+        if roots is not None:
+            from .safety import outside_reason
+
+            why = outside_reason(p, roots)
+            if why:
+                skipped.append((rel, why))
+                n_outside += 1
+                continue
+        files.append(p)
+    return files, n_outside
 
 
 def check_layout_names(names: Iterable[str]) -> None:
@@ -667,11 +692,17 @@ class DecodedCache:
         npy, meta = self._paths(key)
         try:
             info = json.loads(meta.read_text())
+            # The index must describe this very file: two processes building the same entry at once could
+            # otherwise leave one's index beside the other's images (same shape, other rows). Checked before
+            # and after the file is opened, so a replacement in between is seen too.
+            before = os.stat(npy)
             # A copy-on-write map: torch gets a writable array, and a stray in-place write would change this
             # process's copy of a page, never the file. np.load refuses a file shorter than its header says.
             arr = np.load(npy, mmap_mode="c", allow_pickle=False)
-            rows = info["rows"]
-            if (info["key"] != key or list(arr.shape) != info["shape"] or arr.shape[1:] != (1, self.size, self.size)
+            after, rows = os.stat(npy), info["rows"]
+            same_file = info["file"] == [before.st_dev, before.st_ino] == [after.st_dev, after.st_ino]
+            if (info["key"] != key or not same_file
+                    or list(arr.shape) != info["shape"] or arr.shape[1:] != (1, self.size, self.size)
                     or arr.dtype != np.uint8 or not 0 <= rows <= len(arr)
                     or not len(info["files"]) == len(info["labels"]) == rows):
                 return None
@@ -726,9 +757,11 @@ class DecodedCache:
                 f.truncate(start + nbytes)   # rows of unreadable files: a hole at the end, never read
                 f.flush()
                 os.fsync(f.fileno())
+            ident = os.stat(tmp)   # which file this index describes: a rename keeps the inode
             os.replace(tmp, npy)
             tmp = None
-            record = {"key": key, "shape": list(shape), "rows": len(index["files"]), **index}
+            record = {"key": key, "shape": list(shape), "rows": len(index["files"]),
+                      "file": [ident.st_dev, ident.st_ino], **index}
             fsio.atomic_write(meta, lambda f: f.write(json.dumps(record).encode()))
             return True
         except OSError as exc:

@@ -497,8 +497,12 @@ class _HaltOrOrphaned:
     def __init__(self, halt):
         self.halt, self.parent = halt, os.getppid()
 
+    @property
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent
+
     def is_set(self) -> bool:
-        return self.halt.is_set() or os.getppid() != self.parent
+        return self.halt.is_set() or self.orphaned
 
 
 def _device_worker(device: str, visible: str, threads: int, tasks, results, stop) -> None:
@@ -515,7 +519,7 @@ def _device_worker(device: str, visible: str, threads: int, tasks, results, stop
     while True:
         task = tasks.get()
         if task is None or stop.is_set():
-            return
+            break
         i, runs, name, cfg, roots = task
         cfg = TrainConfig.from_dict({**cfg, "device": "cpu" if device == "cpu" else "cuda"})
         results.put(("event", ev.RunStart(run=i, runs=runs, name=name).to_dict()))
@@ -525,11 +529,14 @@ def _device_worker(device: str, visible: str, threads: int, tasks, results, stop
                 ("event", e.tagged(i, runs, name).to_dict())), stop=stop, roots=roots)
         except TrainingStopped:
             results.put(("stopped", i, "", 0.0))
-            return
+            break
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which ends the others
             results.put(("error", i, f"{exc.__class__.__name__}: {exc}", 0.0))
-            return
+            break
         results.put(("done", i, str(path), round(time.perf_counter() - t0, 1)))
+    if stop.orphaned:
+        # Nobody reads the queue any more: exiting would wait for its buffered messages to be flushed forever.
+        results.cancel_join_thread()
 
 
 def _drain_and_join(procs, results, timeout: float) -> None:

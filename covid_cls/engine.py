@@ -86,9 +86,10 @@ def make_loss(cfg: TrainConfig, train_labels: torch.Tensor, device: torch.device
     gamma, alpha, pos = cfg.focal_gamma, cfg.focal_alpha, positive
 
     def focal(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # Lin et al. 2017: FL = -alpha_t (1 - p_t)^gamma log p_t; alpha weighs the positive class.
+        # Lin et al. 2017: FL = -alpha_t (1 - p_t)^gamma log p_t; alpha weighs the positive class. With more than
+        # two classes there is no one positive class to weigh: alpha_t = 1 (the focusing term alone).
         logp = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-        a = torch.where(target == pos, alpha, 1 - alpha)
+        a = torch.where(target == pos, alpha, 1 - alpha) if num_classes == 2 else torch.ones_like(logp)
         return (-a * (1 - logp.exp()).pow(gamma) * logp).mean()
 
     return focal

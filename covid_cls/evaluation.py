@@ -33,6 +33,7 @@ class Scored:
     card: Card
     split: DecodedSplit
     probs: np.ndarray          # (N, C) calibrated
+    notes: list[str]           # what the scan said (classes absent from the images)
     flags: dict[str, np.ndarray]   # reason -> (N,) bool: why the Predictor would answer "uncertain"
 
 
@@ -48,12 +49,13 @@ def score_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, split
     card = ckpt.card
     model = model_from_checkpoint(ckpt, rt.device).requires_grad_(False)
     rt.model(model)
-    info = scan_dataset(data_dir, splits=(split,), classes=card.classes, roots=roots)   # the model's classes
+    # the model's classes, in its order; a set with only some of them (normal X-rays only, say) is measured too
+    info = scan_dataset(data_dir, splits=(split,), classes=card.classes, roots=roots, partial_ok=True)
     d = DecodedCache(card.cache_size, roots=roots).get(info.splits[split], info.root)
     cfg = TrainConfig.from_dict({**card.config, "augment": False, "image_size": card.image_size})
     logits, pooled = backbone_features(model, d.images, cfg, rt, batch_size, head_input=False)
     probs = torch.softmax(logits.float().cpu() / card.temperature, 1).numpy()
-    return Scored(card, d, probs, _flags(card, ckpt.ood_stats, probs, pooled.cpu(), d.images))
+    return Scored(card, d, probs, info.notes, _flags(card, ckpt.ood_stats, probs, pooled.cpu(), d.images))
 
 
 def _flags(card: Card, stats: dict | None, probs: np.ndarray, pooled: torch.Tensor, u8: torch.Tensor):
@@ -142,7 +144,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_dir: str | os.PathLike, sp
             "selective": clean(selective_report(card, s)), "duplicates": duplicates_of_training(card, s),
             "weights_origin": card.weights_origin, "checkpoint": str(path), "files": s.split.files,
             "labels": labels.tolist(), "probs": s.probs.tolist(), "flagged": flagged.tolist(),
-            "skipped": s.split.skipped}
+            "skipped": s.split.skipped, "notes": s.notes}
 
 
 def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, data_dir: str | os.PathLike,
@@ -167,7 +169,9 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
             iv = bootstrap_ci(y, s.probs[:, pos], ("auc",), n_boot=n_boot)["auc"]
             cis[key] = [iv.low, iv.high]
     return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names), "n": int(len(y)),
-            "split": split, "verdict": auc_verdict(res, names), "about": a.card.positive}
+            "split": split, "verdict": auc_verdict(res, names), "about": a.card.positive,
+            # what the negatives are: the other class of two, or all the others
+            "rest": next(c for c in a.card.classes if c != a.card.positive) if a.card.num_classes == 2 else "other"}
 
 
 __all__ = ["Scored", "score_checkpoint", "evaluate_checkpoint", "compare_checkpoints", "selective_report",

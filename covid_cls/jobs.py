@@ -371,6 +371,8 @@ class JobManager:
             run.message = f"decoding {e.split}: {e.done}/{e.total}"
         elif isinstance(e, ev.Done):
             run.checkpoint, run.metrics = e.checkpoint, e.metrics
+            if e.runs:   # a run that stopped early (patience) is done all the same
+                run.progress = _progress(run, e, 1.0)
             live = run.study.get("live", {}).get(e.name or "run")
             run.study.setdefault("histories", {})[e.name or "run"] = list(live if live is not None else run.history)
             if run.kind == "train":

@@ -121,7 +121,7 @@ def eval_results(card: Card, repo_name: str | None = None):
             name = f"{title} (macro)" if several and "average" in args else title
             if ci:
                 args.update(ci_95=ci, ci_method="stratified percentile bootstrap, 2000 resamples")
-                name = f"{title} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+                name = f"{name} (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
             out.append(EvalResult(
                 task_type=TASK, task_name=task_name(card), dataset_type=data,
                 dataset_name=f"{data} ({split_name} split)", dataset_split=split_name, metric_type=mtype,

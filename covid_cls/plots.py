@@ -39,6 +39,12 @@ def curves(history: Sequence[dict[str, Any]], steps: Sequence[tuple[float, float
     return fig
 
 
+def confusion_names(classes: Sequence[str], positive: str) -> list[str]:
+    """The row/column names of a model's confusion matrix: its classes in order (N x N), or for two classes the
+    positive one first, as ``metrics.binary_metrics`` counts it."""
+    return list(classes) if len(classes) != 2 else [positive] + [c for c in classes if c != positive]
+
+
 def confusion(cm: Sequence[Sequence[int]], title: str = "confusion matrix",
               classes: Sequence[str] | None = None) -> plt.Figure:
     """``cm`` rows = true class, columns = predicted, as ``metrics.binary_metrics`` / ``multiclass_metrics`` give

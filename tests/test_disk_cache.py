@@ -79,8 +79,16 @@ def _other_key(npy):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": "0123456789abcdef"}))
 
 
+def _other_writers_images(npy):
+    """Another process built the same entry meanwhile: same shape, other rows, its file renamed over this one."""
+    other = npy.with_name("other.npy")
+    np.save(other, np.load(npy)[::-1].copy())
+    other.replace(npy)
+
+
 @pytest.mark.parametrize("breakage", [lambda npy: npy.with_suffix(".json").unlink(), _truncate, _reshape,
-                                      _other_key], ids=["no index", "truncated", "wrong shape", "another key"])
+                                      _other_key, _other_writers_images],
+                         ids=["no index", "truncated", "wrong shape", "another key", "another writer's images"])
 def test_a_half_written_or_foreign_entry_is_never_read_but_rebuilt(tiny, tmp_path, monkeypatch, breakage):
     monkeypatch.setenv("COVID_CLS_CACHE_MEMORY_MB", TINY_MB)
     split = scan_dataset(tiny).splits["train"]

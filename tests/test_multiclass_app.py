@@ -193,6 +193,12 @@ def test_the_flat_folder_check_wants_the_models_classes(three_svc, three_class_d
     n = {c: len(list((three / c).glob("*.png"))) for c in THREE}
     assert f"({n['covid']} covid, {n['normal']} normal, {n['pneumonia']} pneumonia)" in md
     assert set(THREE) <= {t.split(" (")[0] for t in roc.axes[0].get_legend_handles_labels()[1]}
+    # infected/ is no class of this model (normal/ alone would be measured: only some classes is allowed)
+    with pytest.raises(gr.Error, match=r"unexpected folder\(s\) infected \(expected exactly covid, normal, pneumonia"):
+        ev.evaluate(svc, name, "server folder", str(binary), None, ev.FLAT)
+    shutil.rmtree(binary / "normal")
+    shutil.rmtree(binary / "infected")
+    (binary / "cats").mkdir()
     with pytest.raises(gr.Error, match=r"not a flat labelled folder for this model.*covid/ normal/ pneumonia/"):
         ev.evaluate(svc, name, "server folder", str(binary), None, ev.FLAT)
 
@@ -264,7 +270,8 @@ def test_in_a_browser_explain_class_offers_the_classes_and_redraws(three_class_c
         predicted = shown.split("Grad-CAM of ")[1].split(" (")[0]
         other = next(c for c in THREE if c != predicted)
         pg.locator("#cc-explain input").click()
-        assert [o.split("\n")[-1] for o in pg.get_by_role("option").all_inner_texts()] == ["predicted class", *THREE]
+        options = [o.split("\n")[-1] for o in pg.get_by_role("option").all_inner_texts()]
+        assert options == ["most probable class", *THREE]
         pg.get_by_role("option", name=other, exact=True).click()
         pg.locator("#cc-info").get_by_text("chosen under").wait_for(timeout=60_000)
         assert f"Grad-CAM of {other} (chosen under Explain class)" in pg.locator("#cc-info").inner_text()

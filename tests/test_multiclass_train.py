@@ -63,7 +63,24 @@ def test_evaluate_and_the_cli_on_a_flat_three_class_folder(three_class_checkpoin
     binary = make_demo_dataset(tmp_path / "binary", n_per_class=4, size=64)
     assert main(["evaluate", "--checkpoint", str(three_class_checkpoint), "--data", str(binary), "--boot", "0"]) != 0
     err = capsys.readouterr().err
-    assert "lacks class folder(s) covid, pneumonia" in err and "unexpected folder(s) infected" in err
+    assert "unexpected folder(s) infected" in err and "covid, normal, pneumonia" in err
+
+
+def test_a_set_with_only_some_of_the_models_classes_is_measured_and_says_so(three_class_checkpoint,
+                                                                           three_class_data, tmp_path):
+    """E.g. normal X-rays only from another hospital: specificity is measured, sensitivity and AUC of the absent
+    class are not (and the report says why), instead of refusing the folder. Training still needs every class."""
+    from covid_cls.evaluation import evaluate_checkpoint
+
+    flat = tmp_path / "some"
+    for cls in ("covid", "normal"):
+        shutil.copytree(three_class_data / "test" / cls, flat / cls)
+    r = evaluate_checkpoint(three_class_checkpoint, flat, n_boot=100)
+    assert r["n"] == 24 and r["per_class"]["pneumonia"]["n"] == 0 and r["per_class"]["pneumonia"]["auc"] is None
+    assert r["per_class"]["normal"]["specificity"] is not None
+    assert r["notes"] == ["test: no images of class pneumonia; its sensitivity and AUC cannot be measured here"]
+    with pytest.raises(DatasetError, match="lacks class folder"):
+        scan_dataset(flat, splits=("test",), classes=THREE_CLASSES)   # without partial_ok: refused
 
 
 def test_classes_must_agree_across_splits_and_zips_are_checked_alike(tmp_path):

@@ -430,7 +430,7 @@ def test_the_study_tab_spreads_its_runs_over_the_servers_devices(svc, monkeypatc
     """Issue 13 #2: with several devices (COVID_CLS_STUDY_DEVICES, or every GPU when there are several) the
     Study tab's job carries them to the worker, which runs one process per device; "none" keeps one worker."""
     from covid_cls.config import TrainConfig
-    from covid_cls.ui.study import study
+    from covid_cls.ui.study import study, study_endpoint
     from covid_cls.ui.train import DataSource
 
     started = []
@@ -445,9 +445,12 @@ def test_the_study_tab_spreads_its_runs_over_the_servers_devices(svc, monkeypatc
         with pytest.raises(RuntimeError, match="not started"):
             list(study(svc, DataSource("synthetic demo set", "", None), ["resnet18"], ["fc"], TrainConfig()))
         assert started[-1][0] == "study" and started[-1][1].get("devices") == want
-    svc.settings.study_devices_env = "7"   # a GPU this machine does not have: said, not crashed
-    with pytest.raises(Exception, match="CUDA GPU"):
-        svc.settings.study_devices()
+    svc.settings.study_devices_env = "7"   # a GPU this machine does not have: the app starts, a study refuses
+    with pytest.raises(gr.Error, match="CUDA GPU"):
+        list(study_endpoint(svc, "synthetic demo set", "", None, ["resnet18"], ["fc"], 1, 1e-3, "sgd", "none", 64))
+    from covid_cls.ui import build_app
+
+    build_app(svc.settings)
 
 
 def test_the_worker_passes_the_study_devices_on(monkeypatch, tmp_path):

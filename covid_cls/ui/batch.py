@@ -71,18 +71,14 @@ def predict_batch(svc: Services, files: list | None, arch: str, level: str, chec
 
     sources = _sources(files)
     ck = None if not checkpoint or checkpoint == BEST else checkpoint
-    if no_model_guidance(svc, arch, level, checkpoint) is not None:
-        # In the browser, no model yet is guidance, not a red error (as the Predict button: issue 12 #4); the
-        # uploads stay so that "Predict all" works once the quick demo model is trained. API calls get the error.
-        how = ("press “Train quick demo model” under the Predict button (or train one in the Train tab), then "
-               "“Predict all” again" if svc.settings.training else "training is off on this server; models come "
-               "from its checkpoint folder or the Hugging Face Hub")
-        try:
-            gr.Warning(f"No model for {arch} · {level} yet: {how}.")
-        except Exception:  # noqa: BLE001 - outside a Gradio event (tests, scripts)
-            pass
-        return None, None, []
+    keep_uploads = False
     try:
+        if no_model_guidance(svc, arch, level, checkpoint) is not None:
+            # In the browser, no model yet is guidance, not a red error (as the Predict button: issue 12 #4); the
+            # uploads stay so that "Predict all" works once the quick demo model is trained. API calls get the error.
+            keep_uploads = True
+            _no_model_warning(svc, arch, level)
+            return None, None, []
         # the model first: unknown arch/level or no model at all is said before any file is touched
         svc.predictor.candidates(arch, level, str(svc.checkpoint_path(ck)) if ck else None)
         gallery: list[tuple] = []
@@ -99,7 +95,7 @@ def predict_batch(svc: Services, files: list | None, arch: str, level: str, chec
             rows = batch.run(got.items, lambda paths: svc.predict_batch([str(p) for p in paths], arch, level, ck),
                              on_progress=report, on_prediction=keep)
     finally:
-        for _, path in sources:
+        for _, path in sources if not keep_uploads else ():
             discard_upload(path)   # only this request's own uploads are deleted (issue 11 #9)
     head, body = batch.table(rows)
     try:
@@ -107,6 +103,16 @@ def predict_batch(svc: Services, files: list | None, arch: str, level: str, chec
     except Exception:  # noqa: BLE001 - outside a Gradio event (tests, scripts)
         pass
     return pd.DataFrame(body, columns=head), _csv_file(batch.to_csv(rows)), gallery
+
+
+def _no_model_warning(svc: Services, arch: str, level: str) -> None:
+    how = ("press “Train quick demo model” under the Predict button (or train one in the Train tab), then “Predict "
+           "all” again" if svc.settings.training else "training is off on this server; models come from its "
+           "checkpoint folder or the Hugging Face Hub")
+    try:
+        gr.Warning(f"No model for {arch} · {level} yet: {how}.")
+    except Exception:  # noqa: BLE001 - outside a Gradio event (tests, scripts)
+        pass
 
 
 def build(svc: Services, arch, level, ckpt) -> None:

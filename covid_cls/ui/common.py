@@ -528,15 +528,17 @@ def metrics_line(m: dict | None) -> str:
     if not m:
         return "–"
     macro = "macro " if m.get("per_class") else ""
-    return (f"{macro}AUC {with_ci(m, 'auc')} · sens {with_ci(m, 'sensitivity')} · spec {with_ci(m, 'specificity')}"
-            f" · F1 {with_ci(m, 'f1')} · acc {fmt(m.get('accuracy'))} (n={m.get('n', '–')})")
+    return (f"{macro}AUC {with_ci(m, 'auc')} · {macro}sens {with_ci(m, 'sensitivity')} · {macro}spec "
+            f"{with_ci(m, 'specificity')} · {macro}F1 {with_ci(m, 'f1')} · acc {fmt(m.get('accuracy'))} "
+            f"(n={m.get('n', '–')})")
 
 
 def per_class_line(m: dict | None) -> str:
-    """One-vs-rest AUC / sensitivity / specificity of each class of a multi-class split ("" for a binary one)."""
-    per_class = (m or {}).get("per_class") or {}
-    return " · ".join(f"{name}: AUC {fmt(pc.get('auc'))}, sens {fmt(pc.get('sensitivity'))}, "
-                      f"spec {fmt(pc.get('specificity'))}" for name, pc in per_class.items() if isinstance(pc, dict))
+    """One-vs-rest AUC / sensitivity / specificity of each class of a multi-class split ("" for a binary one),
+    as the CLI prints them (``report.per_class_lines``)."""
+    from ..report import per_class_lines
+
+    return " · ".join(per_class_lines(m))
 
 
 def operating_point(card: Card) -> str:
@@ -610,8 +612,7 @@ def confusion_figure(m: dict | None, title: str, card: Card | None = None):
         return None
     names = None
     if card is not None and len(cm) == card.num_classes:
-        names = (list(card.classes) if card.num_classes > 2
-                 else [card.positive] + [c for c in card.classes if c != card.positive])
+        names = plots.confusion_names(card.classes, card.positive)
     elif (m or {}).get("per_class") and len(m["per_class"]) == len(cm):
         names = list(m["per_class"])   # a run's metrics without its card: per_class keeps the class order
     return plots.confusion(cm, title, classes=names)

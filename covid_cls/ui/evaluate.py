@@ -40,14 +40,14 @@ def eval_dataset(svc: Services, source: str, folder: str | None, zip_path: str |
         raise gr.Error(f"Pick a split: {', '.join(SPLIT_CHOICES)}.")
     folders = " ".join(f"{c}/" for c in classes)
     if source == SOURCES[2] and not zip_path:
-        raise gr.Error(f"Upload a .zip with one folder per class of the model ({folders}), flat or in "
-                       "train/ validation/ test/ splits.")
+        raise gr.Error(f"Upload a .zip with train/ validation/ test/ splits, each with one folder per class of "
+                       f"the model ({folders}).")
     root = resolve_dataset(svc, DataSource(source, folder or "", zip_path), for_training=False)
     name = "test" if split == FLAT else split
-    if split == FLAT and not all((root / c).is_dir() for c in classes):
-        raise DatasetError(f"{root.name}/ is not a flat labelled folder for this model: it needs one folder per "
-                           f"class of the model ({folders}) directly inside (or pick a split)")
-    n = len(scan_dataset(root, splits=(name,), classes=list(classes)).splits[name].files)
+    if split == FLAT and not any((root / c).is_dir() for c in classes):
+        raise DatasetError(f"{root.name}/ is not a flat labelled folder for this model: it needs folders named "
+                           f"like the model's classes ({folders}) directly inside (or pick a split)")
+    n = len(scan_dataset(root, splits=(name,), classes=list(classes), partial_ok=True).splits[name].files)
     if n > MAX_IMAGES:
         raise DatasetError(f"{n:,} images: evaluation here is limited to {MAX_IMAGES:,}; use the command line "
                            f"(python -m covid_cls evaluate --checkpoint ... --data {root.name})")
@@ -107,6 +107,7 @@ def evaluation_markdown(card, r: dict, root: Path, split: str) -> str:
         lines.insert(3, f"<small>flagged by: {rp.reasons_line(sel)}</small>")
     if r.get("skipped"):
         lines.append(f"Skipped {len(r['skipped'])} unreadable file(s).")
+    lines += [f"**Note:** {note}" for note in r.get("notes", [])]
     return "  \n".join(lines) + f"\n\n**{DISCLAIMER}**"
 
 

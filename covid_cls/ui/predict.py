@@ -28,7 +28,7 @@ from .services import Services
 if TYPE_CHECKING:
     from ..predictor import Prediction
 
-PREDICTED = "predicted class"   # the "Explain class" choice for the map of the model's most probable class
+PREDICTED = "most probable class"   # the "Explain class" choice: the map of the model's most probable class
 
 
 def checkpoint_choices(svc: Services, arch: str, level: str):
@@ -104,13 +104,13 @@ def explain_choices(classes) -> list[str]:
 
 @user_errors
 def explain_options(svc: Services, arch: str, level: str, checkpoint: str | None):
-    """The "Explain class" dropdown for the model Predict would use now: "predicted class" + its classes."""
+    """The "Explain class" dropdown for the model Predict would use now: "most probable class" + its classes."""
     card = svc.model_card(arch, level, None if not checkpoint or checkpoint == BEST else checkpoint)
     return gr.update(choices=explain_choices(card.classes if card else []), value=PREDICTED)
 
 
 def explain_after_predict(state: dict | None):
-    """After a prediction: the classes of the model that made it, "predicted class" picked (as drawn). Unchanged
+    """After a prediction: the classes of the model that made it, "most probable class" picked (as drawn). Unchanged
     when there is no state (an API call, or the no-model guidance)."""
     if not state or not state.get("classes"):
         return gr.skip()

@@ -105,7 +105,7 @@ class Settings:
         if not spec:
             import torch
 
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            n = torch.cuda.device_count()   # 0 without CUDA; no CUDA context is made for asking
             return [f"cuda:{i}" for i in range(n)] if n > 1 else []
         return parse_devices(spec)
 

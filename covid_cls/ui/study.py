@@ -66,11 +66,15 @@ def study_table(rows: list[dict]) -> dict:
 
 def build(svc: Services, data: SimpleNamespace) -> None:
     """The tab; ``data``: the Train tab's dataset inputs."""
+    from ..errors import ConfigError
     from ..models import ARCHS, LEVELS
 
-    devices = svc.settings.study_devices()
-    how = (f"in parallel, one run per device ({', '.join(devices)}), after one shared decode" if devices else
-           "one after another, reusing the decoded data")
+    try:
+        devices = svc.settings.study_devices()
+        how = (f"in parallel, one run per device ({', '.join(devices)}), after one shared decode" if devices else
+               "one after another, reusing the decoded data")
+    except ConfigError as exc:   # a wrong COVID_CLS_STUDY_DEVICES: the app starts, the tab says it, a study refuses
+        how = f"— but COVID_CLS_STUDY_DEVICES cannot be used ({exc}), so a study will refuse to start"
     gr.Markdown("The 2020 notebook's whole experiment in one click: every architecture × level with shared "
                 f"settings, {how}. Uses the dataset chosen in the Train tab.")
     if not svc.settings.training:
