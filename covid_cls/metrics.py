@@ -702,7 +702,24 @@ def split_report(probs: np.ndarray, labels: np.ndarray, positive: int = 0, thres
         ci = bootstrap_ci(is_pos, probs[:, positive], ("auc", "sensitivity", "specificity", "f1", "ece"),
                           threshold=out["threshold"], n_boot=n_boot, seed=seed)
         out["ci"] = {k: [v.low, v.high] for k, v in ci.items()}
+    elif n_boot and len(labels):
+        # One class only (normal X-rays from another hospital, say): AUC and the other rate are undefined, and a
+        # percentile bootstrap of a rate at 0 or 1 collapses to a point ([1, 1] for 8 of 8). The Wilson score
+        # interval is the standard one for a single proportion and stays honest at the boundary.
+        key = "sensitivity" if is_pos.all() else "specificity"
+        out["ci"] = {key: list(wilson_interval(round(out[key] * len(labels)), len(labels)))}
+        out["ci_note"] = f"{key}: Wilson score interval (one class only)"
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n (Wilson 1927; Brown, Cai & DasGupta 2001)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def clean(d):

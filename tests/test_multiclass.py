@@ -258,3 +258,21 @@ def test_binary_tables_are_unchanged():
     assert row[0] == "test" and row[-1] == 120
     assert "macro" not in metrics_line(r) and per_class_lines(r) == []
     assert threshold_text(None) == "most probable class (argmax, P = 0.5)"
+
+
+def test_a_split_of_one_class_gets_a_wilson_interval_for_the_rate_it_can_measure():
+    """Normal X-rays only: specificity is measured, with an interval that does not collapse at 1.0 (a percentile
+    bootstrap of 8 of 8 would say [1, 1]); AUC and sensitivity stay undefined."""
+    from covid_cls.metrics import split_report, wilson_interval
+
+    probs = np.array([[0.2, 0.8]] * 8)
+    r = split_report(probs, np.ones(8, int), positive=0, threshold=0.5, n_boot=200)
+    assert r["specificity"] == 1.0 and np.isnan(r["auc"]) and np.isnan(r["sensitivity"])
+    lo, hi = r["ci"]["specificity"]
+    assert hi == 1.0 and 0.6 < lo < 0.7 and "Wilson" in r["ci_note"]   # 8/8: [0.676, 1]
+    # by its definition: the p whose score test just rejects, |k/n - p| = z sqrt(p (1 - p) / n), found numerically
+    from scipy.optimize import brentq
+
+    k, n, z = 81, 263, 1.959964
+    f = lambda q: abs(k / n - q) - z * np.sqrt(q * (1 - q) / n)   # noqa: E731
+    assert np.allclose(wilson_interval(k, n), (brentq(f, 1e-9, k / n), brentq(f, k / n, 1 - 1e-9)), atol=1e-9)
