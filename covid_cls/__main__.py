@@ -232,8 +232,7 @@ def cmd_compare(a) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     name_a, name_b = r["names"]
-    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({r['n_pos']} {r['about']}, {r['n_neg']} {r['rest']}), "
-          "the same images for both" + ("" if r["rest"] != "other" else f"; AUC of {r['about']} against the rest"))
+    print(f"{a.data} [{_where(a.data, a.split)}], n={r['n']} ({rp.compared_images(r)}), the same images for both")
     for tag, name, key in (("A", name_a, "a"), ("B", name_b, "b")):
         auc = {"auc": r[f"auc_{key}"], "ci": {"auc": r.get(f"auc_{key}_ci")}}
         print(f"  {tag} {name}: AUC {rp.with_ci(auc, 'auc')}")

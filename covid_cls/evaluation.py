@@ -20,7 +20,16 @@ from .card import Card
 from .checkpoints import load_checkpoint, model_from_checkpoint
 from .config import TrainConfig
 from .data import DecodedCache, DecodedSplit, read_manifest, scan_dataset
-from .metrics import auc_verdict, bootstrap_ci, clean, paired_auc_test, roc_per_class, roc_points, split_report
+from .metrics import (
+    auc_verdict,
+    bootstrap_ci,
+    clean,
+    paired_auc_test,
+    paired_macro_auc_test,
+    roc_per_class,
+    roc_points,
+    split_report,
+)
 from .ood import layout_features, score
 from .runtime import Runtime
 from .selective import set_abstains
@@ -151,7 +160,7 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
                         split: str = "test", device: str = "auto", n_boot: int = 2000, roots=None) -> dict[str, Any]:
     """Two models on the SAME images: each one's AUC, the paired difference with DeLong's test and a paired
     bootstrap interval, and a plain verdict (does B really beat A, or is the difference noise?). With more than
-    two classes the AUC compared is the positive class's (``card.positive``) one-vs-rest AUC, named in ``about``."""
+    two classes the macro one-vs-rest AUC is compared (``about`` = "macro"; ``metrics.paired_macro_auc_test``)."""
     a = score_checkpoint(path_a, data_dir, split, device, roots=roots)
     b = score_checkpoint(path_b, data_dir, split, device, roots=roots)
     if a.split.files != b.split.files:
@@ -160,8 +169,17 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
         raise ValueError(f"the two models have different classes: {a.card.classes} vs {b.card.classes}")
     pos = a.card.positive_index
     y = a.split.labels.numpy() == pos
-    res = paired_auc_test(y, a.probs[:, pos], b.probs[:, pos], n_boot=n_boot)
     names = (a.card.name or "A", b.card.name or "B")
+    if a.card.num_classes > 2:   # the macro one-vs-rest AUC, paired bootstrap (metrics.paired_macro_auc_test)
+        res = paired_macro_auc_test(a.split.labels.numpy(), a.probs, b.probs, n_boot=n_boot)
+        cis = {}
+        for key, sc in (("auc_a_ci", a), ("auc_b_ci", b)):
+            rep = split_report(sc.probs, a.split.labels.numpy(), n_boot=n_boot, classes=a.card.classes)
+            cis[key] = (rep.get("ci") or {}).get("auc")
+        return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names),
+                "n": int(len(y)), "split": split, "verdict": auc_verdict(res, names), "about": "macro",
+                "rest": "other", "classes": a.card.classes}
+    res = paired_auc_test(y, a.probs[:, pos], b.probs[:, pos], n_boot=n_boot)
     # each model's own AUC interval (same seeded resamples as its evaluate_checkpoint), for the CLI and app
     cis = {}
     if n_boot and y.any() and (~y).any():

@@ -65,6 +65,15 @@ def per_class_lines(m: dict | None) -> list[str]:
             for name, pc in ((m or {}).get("per_class") or {}).items()]
 
 
+def compared_images(r: dict) -> str:
+    """What a ``compare_checkpoints`` result was measured on and which AUC: "12 infected, 12 normal" for two
+    classes; "8 covid, 8 normal, 8 pneumonia; macro one-vs-rest AUC" for more."""
+    if r.get("about") == "macro":
+        counts = ", ".join(f"{n} {c}" for c, n in zip(r["classes"], r["class_counts"]))
+        return f"{counts}; macro one-vs-rest AUC"
+    return f"{r['n_pos']} {r['about']}, {r['n_neg']} {r['rest']}"
+
+
 def threshold_text(threshold: float | None, positive: str = "infected", n_classes: int = 2) -> str:
     if n_classes > 2:  # no single positive class: the decision is always the most probable of the classes
         return f"most probable of {n_classes} classes (argmax)"
@@ -135,7 +144,8 @@ def comparison_line(res: dict, name_a: str = "A", name_b: str = "B") -> str:
             f"{verdict(res, name_a, name_b)}").replace("  ", " ")
 
 
-__all__ = ["CI_METRICS", "num", "interval", "with_ci", "metrics_line", "per_class_lines", "threshold_text", "pct",
+__all__ = ["CI_METRICS", "num", "interval", "with_ci", "metrics_line", "per_class_lines", "compared_images",
+           "threshold_text", "pct",
            "selective_line", "reasons_line", "duplicates_line", "signed", "p_text", "verdict", "comparison_line"]
 
 

@@ -276,3 +276,27 @@ def test_a_split_of_one_class_gets_a_wilson_interval_for_the_rate_it_can_measure
     k, n, z = 81, 263, 1.959964
     f = lambda q: abs(k / n - q) - z * np.sqrt(q * (1 - q) / n)   # noqa: E731
     assert np.allclose(wilson_interval(k, n), (brentq(f, 1e-9, k / n), brentq(f, k / n, 1 - 1e-9)), atol=1e-9)
+
+
+def test_the_paired_macro_auc_test_finds_a_planted_difference_and_not_a_null_one():
+    """Compare for more than two classes: macro one-vs-rest AUC of A against B on the same images."""
+    from covid_cls.metrics import multiclass_metrics, paired_macro_auc_test
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(3), 60)
+    onehot = np.eye(3)[labels]
+
+    def model(signal):   # probabilities that lean towards the true class by ``signal``
+        logits = signal * onehot + rng.normal(0, 1, onehot.shape)
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    good, poor = model(2.5), model(0.6)
+    r = paired_macro_auc_test(labels, good, poor, n_boot=500)
+    assert r["auc_a"] == pytest.approx(multiclass_metrics(good, labels)["auc"]) and r["diff"] > 0
+    assert r["p_value"] < 0.001 and 0 < r["ci_low"] < r["diff"] < r["ci_high"]
+    same = paired_macro_auc_test(labels, good, good, n_boot=200)
+    assert same["diff"] == 0 and same["p_value"] == 1.0
+    # nulls: two equally good models from the same generator are rarely called different
+    calls = [paired_macro_auc_test(labels, model(1.0), model(1.0), n_boot=200, seed=k)["p_value"] < 0.05
+             for k in range(20)]
+    assert sum(calls) <= 4

@@ -124,3 +124,19 @@ def test_the_synthetic_classes_differ_in_shape_not_only_presence():
         assert n >= 2 and sides == {0, 1}                             # several opacities, in both lungs
         assert ndimage.label(lobar)[1] == 1                           # one opacity ...
         assert lobar.sum() > 1.5 * max(np.sum(parts == k) for k in range(1, n + 1))   # ... larger than each
+
+
+def test_cli_compare_of_two_three_class_models_tests_the_macro_auc(three_class_checkpoint, three_class_data,
+                                                                   tmp_path, capsys):
+    from covid_cls import fit
+
+    from helpers import small_config
+
+    other = fit(small_config(three_class_data, tmp_path / "other", epochs=2))
+    assert main(["compare", str(three_class_checkpoint), str(other), "--data", str(three_class_data), "--boot",
+                 "200", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "12 covid, 12 normal, 12 pneumonia; macro one-vs-rest AUC" in out and "verdict:" in out
+    r = json.loads((tmp_path / "c.json").read_text())
+    assert r["about"] == "macro" and r["method"].startswith("paired class-stratified bootstrap")
+    assert r["auc_a"] == pytest.approx(load_checkpoint(three_class_checkpoint).card.metrics["test"]["auc"], abs=0.02)

@@ -74,14 +74,13 @@ def compare_models(svc: Services, a: str | None, b: str | None, source: str, fol
         raise gr.Error(str(exc)) from None
     rows = [[n, rp.with_ci({"auc": r[f"auc_{k}"], "ci": {"auc": r.get(f"auc_{k}_ci")}}, "auc")]
             for n, k in ((a, "a"), (b, "b"))]
-    pos = r.get("about", card_a.positive)
-    # two classes: "12 infected, 12 normal"; more: the AUC compared is the positive class's one-vs-rest
-    rest = next(c for c in card_a.classes if c != pos) if card_a.num_classes == 2 else "other classes"
-    about = "" if card_a.num_classes == 2 else f" (AUC of {pos} vs the rest)"
-    md = (f"**{rp.verdict(r, a, b)}** — on {r['n']} images of `{root.name}` ({r['n_pos']} {pos}, "
-          f"{r['n_neg']} {rest}), both models on the same images{about}.  \n"
-          f"Difference A − B: {rp.signed(r['diff'])} AUC {rp.interval([r['ci_low'], r['ci_high']])} (DeLong), "
-          f"paired bootstrap {rp.interval([r['boot_ci_low'], r['boot_ci_high']])}, {rp.p_text(r['p_value'])}.")
+    # two classes: "12 infected, 12 normal"; more: the counts per class and the macro AUC (paired bootstrap)
+    test = ("(DeLong), paired bootstrap " + rp.interval([r["boot_ci_low"], r["boot_ci_high"]])
+            if r.get("about") != "macro" else "(paired class-stratified bootstrap)")
+    md = (f"**{rp.verdict(r, a, b)}** — on {r['n']} images of `{root.name}` ({rp.compared_images(r)}), both "
+          f"models on the same images.  \n"
+          f"Difference A − B: {rp.signed(r['diff'])} AUC {rp.interval([r['ci_low'], r['ci_high']])} {test}, "
+          f"{rp.p_text(r['p_value'])}.")
     return rows, md
 
 
