@@ -177,3 +177,14 @@ def make_png(path: str | os.PathLike, size: int = 1024, infected: bool = True, s
 
 def now() -> float:
     return time.perf_counter()
+
+
+def stop_process(proc, timeout: float = 10.0) -> None:
+    """Terminate a server subprocess and wait for it; kill it if it has not ended after ``timeout`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -281,11 +281,7 @@ def app_bench(ckpt_dir: Path, work: Path, image: Path, calls: int, clients: int,
         res["many_same"] = concurrent([image])
         res["many_distinct"] = concurrent(distinct_copies(image, clients, work / "distinct"))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        C.stop_process(proc, 10)
         log.close()
     return res
 

@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+import _common as C
+
 os.environ.setdefault("COVID_CLS_OFFLINE", "1")   # no weight downloads: nothing here needs ImageNet weights
 
 VARIANTS = {
@@ -177,11 +179,7 @@ def run_http(variant: str, checkpoints: Path, image: Path, runs: Path) -> dict:
                 "after_3s_mb": round(rss_mb(server.pid)), "sampled_peak_mb": round(max(samples, default=0)),
                 "seconds": round(seconds, 1)}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        C.stop_process(server, 30)
 
 
 def main() -> None:

@@ -47,6 +47,10 @@ def positive_class(classes: Sequence[str]) -> str:
         return POSITIVE
     others = [c for c in classes if c.lower() != "normal"]
     return others[0] if len(classes) == 2 and len(others) == 1 else classes[0]
+
+
+def positive_index(classes: Sequence[str]) -> int:
+    return list(classes).index(positive_class(classes))
 SPLITS: dict[str, tuple[str, ...]] = {              # canonical name -> accepted folder names
     "train": ("train",),
     "validation": ("validation", "val", "valid"),

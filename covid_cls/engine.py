@@ -40,7 +40,7 @@ from .data import (
     eval_batch,
     fingerprint,
     identical_images,
-    positive_class,
+    positive_index,
     scan_dataset,
     train_batch,
 )
@@ -310,7 +310,7 @@ def evaluate(model: nn.Module, forward, batches: _Batches, rt: Runtime, *, tempe
     logits = predict_logits(forward, batches, rt, stop, num_classes=len(classes))
     labels = batches.y.cpu()
     probs = torch.softmax(logits / temperature, dim=1).numpy()
-    m = metrics_for(probs, labels.numpy(), positive=list(classes).index(positive_class(classes)),
+    m = metrics_for(probs, labels.numpy(), positive=positive_index(classes),
                     classes=list(classes))
     m["loss"] = float(F.cross_entropy(logits / temperature, labels)) if len(labels) else float("nan")
     return m, logits
@@ -510,7 +510,7 @@ def _train_epochs(model, cfg: TrainConfig, plan: _Plan, train_labels, gen, emit:
                   classes: Sequence[str] = ("infected", "normal")):
     """The epochs; keeps the best by validation AUC (macro one-vs-rest for more than two classes; lower
     validation loss breaks ties) and restores it."""
-    loss_fn = make_loss(cfg, train_labels, plan.rt.device, len(classes), list(classes).index(positive_class(classes)))
+    loss_fn = make_loss(cfg, train_labels, plan.rt.device, len(classes), positive_index(classes))
     opt = make_optimizer(cfg, model.parameters())
     sched = make_schedule(cfg, opt, len(plan.batches["train"]))
     history: list[dict[str, Any]] = []
@@ -589,7 +589,7 @@ def _final_metrics(cfg: TrainConfig, plan: _Plan, logits: dict[str, torch.Tensor
                    classes: Sequence[str] = ("infected", "normal")) -> tuple[dict[str, Any], _Calibration]:
     """Calibrate on validation, then every split's metrics at the chosen operating point, with CIs."""
     classes = list(classes)
-    pos = classes.index(positive_class(classes))
+    pos = positive_index(classes)
     cal = _calibrate(cfg, logits["validation"], plan.batches["validation"].y.cpu(), pos)
     metrics = {}
     for name in ("train", "validation", "test"):

@@ -167,30 +167,30 @@ def compare_checkpoints(path_a: str | os.PathLike, path_b: str | os.PathLike, da
         raise ValueError("the two checkpoints decoded different images; compare them on the same folder")
     if a.card.classes != b.card.classes:
         raise ValueError(f"the two models have different classes: {a.card.classes} vs {b.card.classes}")
-    pos = a.card.positive_index
-    y = a.split.labels.numpy() == pos
-    names = (a.card.name or "A", b.card.name or "B")
-    if a.card.num_classes > 2:   # the macro one-vs-rest AUC, paired bootstrap (metrics.paired_macro_auc_test)
-        res = paired_macro_auc_test(a.split.labels.numpy(), a.probs, b.probs, n_boot=n_boot)
-        cis = {}
-        for key, sc in (("auc_a_ci", a), ("auc_b_ci", b)):
-            rep = split_report(sc.probs, a.split.labels.numpy(), n_boot=n_boot, classes=a.card.classes)
-            cis[key] = (rep.get("ci") or {}).get("auc")
-        return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names),
-                "n": int(len(y)), "split": split, "verdict": auc_verdict(res, names), "about": "macro",
-                "rest": "other", "classes": a.card.classes}
-    res = paired_auc_test(y, a.probs[:, pos], b.probs[:, pos], n_boot=n_boot)
-    # each model's own AUC interval (same seeded resamples as its evaluate_checkpoint), for the CLI and app
-    cis = {}
-    if n_boot and y.any() and (~y).any():
-        for key, s in (("auc_a_ci", a), ("auc_b_ci", b)):
-            iv = bootstrap_ci(y, s.probs[:, pos], ("auc",), n_boot=n_boot)["auc"]
-            cis[key] = [iv.low, iv.high]
-    return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names), "n": int(len(y)),
-            "split": split, "verdict": auc_verdict(res, names), "about": a.card.positive,
-            # what the negatives are: the other class of two, or all the others
-            "rest": next(c for c in a.card.classes if c != a.card.positive) if a.card.num_classes == 2 else "other"}
+    labels, names = a.split.labels.numpy(), (a.card.name or "A", b.card.name or "B")
+    if a.card.num_classes > 2:   # the macro one-vs-rest AUC, paired bootstrap
+        res = paired_macro_auc_test(labels, a.probs, b.probs, n_boot=n_boot)
+        about, rest = "macro", "other"
+    else:
+        pos = a.card.positive_index
+        res = paired_auc_test(labels == pos, a.probs[:, pos], b.probs[:, pos], n_boot=n_boot)
+        about, rest = a.card.positive, next(c for c in a.card.classes if c != a.card.positive)
+    cis = {key: _auc_ci(s, labels, n_boot) for key, s in (("auc_a_ci", a), ("auc_b_ci", b))}
+    return {**clean(res), **clean(cis), "a": str(path_a), "b": str(path_b), "names": list(names),
+            "n": int(len(labels)), "split": split, "verdict": auc_verdict(res, names), "about": about,
+            "rest": rest, "classes": a.card.classes}
 
+
+def _auc_ci(s: Scored, labels: np.ndarray, n_boot: int) -> list[float] | None:
+    """A model's own AUC interval, from the same seeded resamples as its ``evaluate_checkpoint`` (the macro AUC's
+    for more than two classes); None when it cannot be had."""
+    if s.card.num_classes > 2:
+        return (split_report(s.probs, labels, n_boot=n_boot, classes=s.card.classes).get("ci") or {}).get("auc")
+    y = labels == s.card.positive_index
+    if not (n_boot and y.any() and (~y).any()):
+        return None
+    iv = bootstrap_ci(y, s.probs[:, s.card.positive_index], ("auc",), n_boot=n_boot)["auc"]
+    return [iv.low, iv.high]
 
 __all__ = ["Scored", "score_checkpoint", "evaluate_checkpoint", "compare_checkpoints", "selective_report",
            "duplicates_of_training"]

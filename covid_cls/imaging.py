@@ -529,20 +529,24 @@ def _check_jpeg_structure(data: bytes | bytearray) -> None:
         elif 0xE0 <= marker <= 0xEF or marker == 0xFE:
             metadata += 1
             metadata_bytes += length
-            if metadata > JPEG_MAX_METADATA_SEGMENTS or metadata_bytes > JPEG_MAX_METADATA_BYTES:
-                amount = (f"more than {JPEG_MAX_METADATA_SEGMENTS:,} metadata segments (APPn/COM markers)"
-                          if metadata > JPEG_MAX_METADATA_SEGMENTS else
-                          f"more than {JPEG_MAX_METADATA_BYTES // (1024 * 1024)} MB of metadata")
-                raise ImageError(
-                    f"This JPEG carries {amount}; a camera or X-ray exporter writes a handful. "
-                    "Re-save it without metadata (or as PNG) and upload it again."
-                )
+            _check_metadata("JPEG", "metadata segments (APPn/COM markers)", metadata, JPEG_MAX_METADATA_SEGMENTS,
+                            metadata_bytes, JPEG_MAX_METADATA_BYTES,
+                            "a camera or X-ray exporter writes a handful. Re-save it without metadata (or as PNG)")
         if segments > JPEG_MAX_SEGMENTS:
             raise ImageError(
                 f"This JPEG has more than {JPEG_MAX_SEGMENTS:,} marker segments, far more than any real "
                 "photo or X-ray export. Re-save it as a baseline JPEG or as PNG and upload it again."
             )
         pos += 2 + length
+
+
+def _check_metadata(fmt: str, what: str, count: int, max_count: int, nbytes: int, max_bytes: int,
+                    advice: str) -> None:
+    """Refuse a metadata flood (too many segments/chunks, or too many bytes of them) with one clear message."""
+    if count > max_count or nbytes > max_bytes:
+        amount = (f"more than {max_count:,} {what}" if count > max_count
+                  else f"more than {max_bytes // (1024 * 1024)} MB of metadata")
+        raise ImageError(f"This {fmt} carries {amount}; {advice} and upload it again.")
 
 
 def _webp_canvas_size(data: bytes | bytearray) -> tuple[int, int] | None:
@@ -580,14 +584,9 @@ def _check_png_structure(data: bytes | bytearray) -> None:
             other += 1
             if kind not in _PNG_CRITICAL:
                 ancillary_bytes += length
-            if other > PNG_MAX_OTHER_CHUNKS or ancillary_bytes > PNG_MAX_ANCILLARY_BYTES:
-                amount = (f"more than {PNG_MAX_OTHER_CHUNKS:,} metadata chunks (text, ICC, EXIF, ...)"
-                          if other > PNG_MAX_OTHER_CHUNKS else
-                          f"more than {PNG_MAX_ANCILLARY_BYTES // (1024 * 1024)} MB of metadata")
-                raise ImageError(
-                    f"This PNG carries {amount}; a normal PNG has a handful. Re-save it without "
-                    "metadata and upload it again."
-                )
+            _check_metadata("PNG", "metadata chunks (text, ICC, EXIF, ...)", other, PNG_MAX_OTHER_CHUNKS,
+                            ancillary_bytes, PNG_MAX_ANCILLARY_BYTES,
+                            "a normal PNG has a handful. Re-save it without metadata")
         if kind == b"IEND":
             return
         pos += 12 + length

@@ -275,28 +275,21 @@ def _warm_up(imaging: Any) -> None:  # pragma: no cover - runs in the worker
 def _set_limits(resource: Any, vsz_bytes: int, memory_bytes: int, cpu0: float, cpu_s: float) -> Any:
     if resource is None:
         return None
-    saved = []
+    saved: list = []
+
+    def lower(which: int, want: int) -> None:   # the soft limit, never above the hard one; saved for restoring
+        soft, hard = resource.getrlimit(which)
+        try:
+            resource.setrlimit(which, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+            saved.append((which, soft, hard))
+        except (ValueError, OSError):
+            pass
+
     if memory_bytes > 0 and vsz_bytes > 0 and hasattr(resource, "RLIMIT_AS"):
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        want = vsz_bytes + memory_bytes
-        if hard != resource.RLIM_INFINITY:
-            want = min(want, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (want, hard))
-            saved.append((resource.RLIMIT_AS, soft, hard))
-        except (ValueError, OSError):
-            pass
+        lower(resource.RLIMIT_AS, vsz_bytes + memory_bytes)
     if cpu_s > 0 and hasattr(resource, "RLIMIT_CPU"):
-        soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
         # Whole seconds, counted over the process's life: a backstop for the parent's own check.
-        want = int(math.ceil(cpu0 + cpu_s)) + 1
-        if hard != resource.RLIM_INFINITY:
-            want = min(want, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
-            saved.append((resource.RLIMIT_CPU, soft, hard))
-        except (ValueError, OSError):
-            pass
+        lower(resource.RLIMIT_CPU, int(math.ceil(cpu0 + cpu_s)) + 1)
     return saved
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import small_config
+from helpers import make_services, small_config
 
 # Offline and isolated: no weight downloads, no cache outside the test run's temp folder.
 os.environ["COVID_CLS_OFFLINE"] = "1"
@@ -69,3 +69,10 @@ def three_class_checkpoint(three_class_data, tmp_path_factory) -> Path:
     from covid_cls import fit
 
     return fit(small_config(three_class_data, tmp_path_factory.mktemp("ckpt3"), epochs=20))
+
+
+@pytest.fixture
+def svc(tmp_path):
+    """The app's Services (no server) over an empty checkpoint folder, training on; test modules that need other
+    settings define their own."""
+    return make_services(tmp_path, training=True)

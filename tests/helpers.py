@@ -379,3 +379,19 @@ def make_services(tmp_path: Path, **settings):
     from covid_cls.ui import Services, Settings
 
     return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", **settings))
+
+
+# What Gradio answers for an unhandled exception (an HTTP 500): a test that sees it found a crash, not a message.
+GENERIC_SERVER_ERROR = "upstream Gradio app has raised an exception"
+
+
+def app_error(call) -> str:
+    """The message of the AppError that ``call`` (a gradio_client call) must raise; fails on a server crash."""
+    import pytest
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        call()
+    msg = str(info.value)
+    assert GENERIC_SERVER_ERROR not in msg, "a server error instead of a message"
+    return msg

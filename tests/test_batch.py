@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import CXR_REAL, copy_checkpoint, launched_app
+from helpers import CXR_REAL, copy_checkpoint, launched_app, make_services
 
 COLUMNS = ["file", "label", "decision", "p_infected", "p_normal", "reasons", "error"]
 CORRUPT = {  # three ways a file in a zip can be unusable
@@ -50,9 +50,7 @@ def _check_csv(text: str, n: int) -> list[dict]:
 
 @pytest.fixture
 def svc(tmp_path, fc_checkpoint):
-    from covid_cls.ui import Services, Settings
-
-    s = Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs", training=True))
+    s = make_services(tmp_path, training=True)
     copy_checkpoint(fc_checkpoint, s.settings.checkpoints)
     return s
 

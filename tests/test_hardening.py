@@ -33,12 +33,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import call_raw, copy_checkpoint, launched_app, small_config
+from helpers import app_error, call_raw, copy_checkpoint, launched_app, make_services, small_config
 from helpers import copy_dataset as _copy_dataset
 from helpers import synthetic_png as _png
 from helpers import zip_bytes as _zip
-
-GENERIC_SERVER_ERROR = "upstream Gradio app has raised an exception"
 
 
 def _rss_mb() -> float:
@@ -63,10 +61,7 @@ def tree(demo_data, tmp_path):
 
 @pytest.fixture()
 def svc(tmp_path):
-    from covid_cls.ui import Services, Settings
-
-    return Services(Settings(checkpoints=tmp_path / "checkpoints", runs=tmp_path / "runs",
-                             roots_env=str(tmp_path / "allowed")))
+    return make_services(tmp_path, roots_env=str(tmp_path / "allowed"))
 
 
 # =============================================================================================
@@ -716,16 +711,6 @@ def app(fc_checkpoint, demo_data, tmp_path_factory):
     mp.undo()
 
 
-def _app_error(call) -> str:
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError) as info:
-        call()
-    msg = str(info.value)
-    assert GENERIC_SERVER_ERROR not in msg, "a server error instead of a message"
-    return msg
-
-
 def _call_raw(url: str, api: str, data: list) -> tuple[str, object]:
     return call_raw(f"{url}/gradio_api", api, data)
 
@@ -842,7 +827,7 @@ def test_a_card_claiming_100000_classes_is_refused_and_memory_stays_flat(app):
         png = app.root / "c.png"
         png.write_bytes(_png(seed=9))
         rss0 = _rss_mb()
-        msg = _app_error(lambda: app.client.predict(handle_file(str(png)), "resnet18", "fc", bad.name,
+        msg = app_error(lambda: app.client.predict(handle_file(str(png)), "resnet18", "fc", bad.name,
                                                     api_name="/predict"))
         assert "classes" in msg and "2 to 20" in msg and len(msg) < 700, msg[:300]
         assert _rss_mb() - rss0 < 100
@@ -868,7 +853,7 @@ def test_predict_and_compare_fall_back_from_a_damaged_best_checkpoint(app):
         gallery, table = app.client.predict(handle_file(str(png)), api_name="/compare")
         assert [row[1] for row in table["data"]] == ["fc"]
         # named explicitly, it is refused with a message (never silently replaced)
-        msg = _app_error(lambda: app.client.predict(handle_file(str(png)), "resnet18", "fc", bad.name,
+        msg = app_error(lambda: app.client.predict(handle_file(str(png)), "resnet18", "fc", bad.name,
                                                     api_name="/predict"))
         assert "altered-best.safetensors" in msg
     finally:
@@ -946,7 +931,7 @@ def test_no_argument_is_a_server_error(app, capfd):
     problems = []
     for case, (api, args, expected) in HOSTILE.items():
         try:
-            msg = _app_error(lambda: app.client.submit(*args(app), api_name=api).result(timeout=120))
+            msg = app_error(lambda: app.client.submit(*args(app), api_name=api).result(timeout=120))
         except AssertionError as exc:
             problems.append(f"{case}: {str(exc)[:200]}")
             continue
@@ -980,7 +965,7 @@ def test_every_named_endpoint_refuses_every_hostile_argument(app):
             for what, value in hostile.items():
                 calls += 1
                 try:
-                    msg = _app_error(lambda: app.client.submit(*_with(base, i, value), api_name=name).result(
+                    msg = app_error(lambda: app.client.submit(*_with(base, i, value), api_name=name).result(
                         timeout=120))
                 except AssertionError as exc:
                     problems.append(f"{name} {p['parameter_name']}={what}: {str(exc)[:150]}")

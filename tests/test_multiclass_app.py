@@ -11,17 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import copy_checkpoint, flat_labelled_folder, launched_app, make_services
+from helpers import copy_checkpoint, flat_labelled_folder, launched_app
 
 gr = pytest.importorskip("gradio")
 
 THREE = ["covid", "normal", "pneumonia"]
 PREDICT_PARAMETERS = ["path", "arch", "level", "checkpoint"]   # what API clients of /predict send, in order
-
-
-@pytest.fixture
-def svc(tmp_path):
-    return make_services(tmp_path, training=True)
 
 
 @pytest.fixture

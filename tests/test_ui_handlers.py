@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import copy_checkpoint, flat_labelled_folder, make_services
+from helpers import copy_checkpoint, flat_labelled_folder
 
 gr = pytest.importorskip("gradio")
-
-
-@pytest.fixture
-def svc(tmp_path):
-    return make_services(tmp_path, training=True)
 
 
 @pytest.fixture

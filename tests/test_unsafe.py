@@ -31,7 +31,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-GENERIC_SERVER_ERROR = "upstream Gradio app has raised an exception"
+from helpers import GENERIC_SERVER_ERROR, app_error  # noqa: E402
 
 
 class TouchOnLoad:
@@ -100,14 +100,6 @@ def off(tmp_path_factory):
         yield SimpleNamespace(root=root, client=app.client(), settings=settings, demo=app.demo)
 
 
-def _app_error(call) -> str:
-    with pytest.raises(AppError) as info:
-        call()
-    msg = str(info.value)
-    assert GENERIC_SERVER_ERROR not in msg, "a server error instead of a message"
-    return msg
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. checkpoints carrying pickled objects; checkpoint names reaching outside the folder
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +129,10 @@ def test_pickled_checkpoint_is_refused_through_the_app(env):
     try:
         png = env.root / "x.png"
         png.write_bytes(_png())
-        msg = _app_error(lambda: env.client.predict(handle_file(str(png)), "vgg16", "partial", "",
+        msg = app_error(lambda: env.client.predict(handle_file(str(png)), "vgg16", "partial", "",
                                                     api_name="/predict"))
         assert "refusing to load evil.pt" in msg
-        msg = _app_error(lambda: env.client.predict(handle_file(str(png)), "resnet18", "fc", "evil.pt",
+        msg = app_error(lambda: env.client.predict(handle_file(str(png)), "resnet18", "fc", "evil.pt",
                                                     api_name="/predict"))
         assert "refusing" in msg
         assert not marker.exists()
@@ -160,7 +152,7 @@ def test_checkpoint_names_cannot_reach_other_folders(env, fc_checkpoint, how):
     name = "../elsewhere/outside.pt" if how == "dotdot" else str(elsewhere / "outside.pt")
     png = env.root / "x.png"
     png.write_bytes(_png())
-    msg = _app_error(lambda: env.client.predict(handle_file(str(png)), "resnet18", "fc", name,
+    msg = app_error(lambda: env.client.predict(handle_file(str(png)), "resnet18", "fc", name,
                                                 api_name="/predict"))
     assert "outside.pt does not exist" in msg
     assert str(env.root) not in msg   # no server paths in messages
@@ -209,7 +201,7 @@ def test_check_allowed_accepts(roots, case):
 @pytest.mark.http
 def test_scan_endpoint_enforces_the_roots(env):
     for case, (template, expected) in REFUSED_CASES.items():
-        msg = _app_error(lambda: env.client.predict("server folder", _fill(template, env), None, api_name="/scan"))
+        msg = app_error(lambda: env.client.predict("server folder", _fill(template, env), None, api_name="/scan"))
         # over HTTP a NUL byte is refused as such before the folder is looked at (issue 11 #16)
         assert expected in msg or (case == "NUL byte" and "NUL character" in msg), (case, msg)
     md, table = env.client.predict("server folder", str(env.allowed / "link-in"), None, api_name="/scan")
@@ -346,7 +338,7 @@ def test_scan_endpoint_refuses_hostile_zips_and_keeps_nothing(env):
         make, expected = ZIP_CASES[case]
         z = env.root / f"{case.replace(' ', '_')}.zip"
         z.write_bytes(make())
-        msg = _app_error(lambda: env.client.predict("upload .zip", "", handle_file(str(z)), api_name="/scan"))
+        msg = app_error(lambda: env.client.predict("upload .zip", "", handle_file(str(z)), api_name="/scan"))
         # the dataset layout is checked on the names before extraction (issue 11 #6): a damaged member of a zip
         # without train/validation/test is refused for its layout before a byte is read (library test above)
         assert expected in msg or (case == "bad crc" and "not an ImageFolder dataset" in msg), (case, msg)
@@ -401,7 +393,7 @@ def test_uploads_land_in_our_temp_dir_and_are_deleted_after_use(env):
         assert _copies_of(data, env.gtmp) == [], f"{what}: the upload is still on the server"
     bad = env.root / "not-an-image.png"
     bad.write_bytes(b"not an image at all " * 50)
-    _app_error(lambda: env.client.predict(handle_file(str(bad)), "resnet18", "fc", "", api_name="/predict"))
+    app_error(lambda: env.client.predict(handle_file(str(bad)), "resnet18", "fc", "", api_name="/predict"))
     assert _copies_of(bad.read_bytes(), env.gtmp) == []
 
 
@@ -457,7 +449,7 @@ def test_dicom_tags_never_appear_in_predict_output_or_errors(env):
         assert secret not in text
     for what, data in bad.items():
         path.write_bytes(data)
-        msg = _app_error(lambda: env.client.predict(handle_file(str(path)), "resnet18", "fc", "",
+        msg = app_error(lambda: env.client.predict(handle_file(str(path)), "resnet18", "fc", "",
                                                     api_name="/predict"))
         assert "DICOM" in msg, (what, msg)
         for secret in (SECRET, "SECRET", SECRET_ID):
@@ -483,11 +475,11 @@ def test_training_off_refuses_train_study_scan_and_demo_and_says_why(off, demo_d
         "/scan (folder)": lambda: c.predict("server folder", str(demo_data), None, api_name="/scan"),
     }
     for name, call in calls.items():
-        msg = _app_error(call)
+        msg = app_error(call)
         assert "Training is switched off on this server (COVID_CLS_TRAINING=0)" in msg, (name, msg)
     z = off.root / "data.zip"
     z.write_bytes(_dataset_zip(demo_data))
-    msg = _app_error(lambda: c.predict("upload .zip", "", handle_file(str(z)), api_name="/scan"))
+    msg = app_error(lambda: c.predict("upload .zip", "", handle_file(str(z)), api_name="/scan"))
     assert "switched off" in msg
     # nothing was made, read or unpacked, and no run was started
     runs = off.settings.runs
@@ -501,5 +493,5 @@ def test_training_off_refuses_train_study_scan_and_demo_and_says_why(off, demo_d
     # prediction keeps working (no model here: a clear message, not a server error)
     png = off.root / "x.png"
     png.write_bytes(_png())
-    assert "No trained model" in _app_error(lambda: c.predict(handle_file(str(png)), "resnet18", "fc", "",
+    assert "No trained model" in app_error(lambda: c.predict(handle_file(str(png)), "resnet18", "fc", "",
                                                               api_name="/predict"))
